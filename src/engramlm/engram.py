@@ -1,0 +1,152 @@
+"""Engram: lookup -> context-aware gate -> short conv -> residual (SPEC §2.4-2.8, paper §2).
+
+Shapes: B batch, T time, M residual branches (hc_mult), D model width, N max n-gram order,
+K heads per order, H = (N-1)K hash heads, E = d_mem = (N-1) * embed_dim_per_ngram.
+
+Per position t of layer l (the paper's §2.3 and the demo):
+
+    e_t      = concat_{n, j} E_{n,j}[z_{t,n,j}]                                   [E]
+    k_t^(m)  = W_K^(m) e_t,   v_t = W_V e_t                                       [D]
+    a_t^(m)  = sigmoid( ssqrt( RMSNorm(h_t^(m)) . RMSNorm(k_t^(m)) / sqrt(D) ) )  scalar
+    u_t^(m)  = a_t^(m) v_t
+    Y        = SiLU( Conv1D( RMSNorm^(m)(U) ) ) + U        (depthwise, causal, dilation N)
+    H^(m)   <- H^(m) + Y^(m)                               (before attention and FFN)
+
+``ssqrt(s) = sign(s) sqrt(max(|s|, 1e-6))`` is the demo's; the paper omits it (``gate="plain"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engramlm.config import EngramConfig
+from engramlm.tables import DeviceTable, Table
+
+
+class ShortConv(nn.Module):
+    """Y = SiLU(Conv1D(RMSNorm(U))) over all M*D channels, depthwise and causal (SPEC §2.6).
+
+    Kernel ``w``, dilation ``delta`` (= N), no bias, zero-initialised (paper's "Engram Conv Zero
+    Init"), so at initialisation the Engram output is exactly the gated value. The caller adds
+    the residual ``U``. For decoding, ``state`` carries the last ``(w-1)*delta`` normalised
+    inputs, so a step costs O(1) in context length and equals the full-sequence result.
+    """
+
+    def __init__(self, dim: int, hc_mult: int, kernel_size: int, dilation: int) -> None:
+        super().__init__()
+        self.dim, self.hc_mult = dim, hc_mult
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.norms = nn.ModuleList(nn.RMSNorm(dim) for _ in range(hc_mult))
+        channels = hc_mult * dim
+        self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size))  # depthwise filters
+
+    @property
+    def receptive_field(self) -> int:
+        """Past positions the conv reads: (w - 1) * delta."""
+        return (self.kernel_size - 1) * self.dilation
+
+    def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """[B, T, M, D] (+ state [B, M*D, P]) -> ([B, T, M, D], new state [B, M*D, P])."""
+        B, T, M, D = u.shape
+        normed = torch.cat([norm(u[:, :, m]) for m, norm in enumerate(self.norms)], dim=-1)
+        x = normed.transpose(1, 2)  # [B, M*D, T]
+        P = self.receptive_field
+        if state is None:
+            state = x.new_zeros(B, M * D, P)  # causal left padding
+        x = torch.cat([state, x], dim=-1)  # [B, M*D, P+T]
+        y = F.conv1d(x, self.weight.to(x.dtype), dilation=self.dilation, groups=M * D)  # [B,M*D,T]
+        y = F.silu(y).transpose(1, 2).reshape(B, T, M, D)
+        return y, x[:, :, x.shape[-1] - P :]
+
+
+def context_gate(query: Tensor, key: Tensor, signed_sqrt: bool = True) -> Tensor:
+    """alpha = sigmoid(RMSNorm(h) . RMSNorm(k) / sqrt(D)); paper §2.3, SPEC §2.5.
+
+    ``query`` and ``key`` are already RMS-normalised, [B, T, D] each -> [B, T, 1]. Follows the
+    demo's signed square root of the scaled dot product before the sigmoid (it keeps the gate
+    out of saturation); ``signed_sqrt=False`` gives the paper's plain form.
+    """
+    s = (query * key).sum(dim=-1, keepdim=True) / math.sqrt(query.shape[-1])
+    if signed_sqrt:
+        s = s.sign() * s.abs().clamp_min(1e-6).sqrt()
+    return torch.sigmoid(s)
+
+
+class Engram(nn.Module):
+    """One Engram layer: multi-head table lookup, per-branch gates, shared value, short conv.
+
+    ``table`` is any :class:`~engramlm.tables.Table` backend holding all H heads contiguously
+    (head h starts at row ``offsets[h]``); by default an in-memory :class:`DeviceTable`.
+    ``forward`` takes the hidden state and this layer's precomputed head-local hash ids and
+    returns ``Y``, which the caller adds to the residual stream(s).
+    """
+
+    def __init__(
+        self,
+        config: EngramConfig,
+        hidden_size: int,
+        moduli: Sequence[int],
+        table: Table | None = None,
+    ) -> None:
+        super().__init__()
+        if len(moduli) != config.num_heads:
+            raise ValueError(
+                f"moduli needs one prime per head ({config.num_heads} = (max_ngram-1) x "
+                f"heads_per_ngram), got {len(moduli)}"
+            )
+        self.config = config
+        self.hidden_size = hidden_size
+        M, D, E = config.hc_mult, hidden_size, config.memory_dim
+        offsets = torch.tensor([0, *moduli[:-1]], dtype=torch.int64).cumsum(0)  # [H]
+        self.register_buffer("offsets", offsets, persistent=False)
+        num_rows = int(sum(moduli))
+        self.table = table if table is not None else DeviceTable(num_rows, config.head_dim)
+        if (self.table.num_rows, self.table.dim) != (num_rows, config.head_dim):
+            raise ValueError(
+                f"table is [{self.table.num_rows}, {self.table.dim}] but this layer's heads need "
+                f"[{num_rows}, {config.head_dim}] (sum of head primes, embed_dim_per_ngram/K)"
+            )
+        # Bias terms as in the demo's nn.Linear; the paper writes W_K e_t without one.
+        self.value_proj = nn.Linear(E, D)  # W_V, shared by all branches
+        self.key_projs = nn.ModuleList(nn.Linear(E, D) for _ in range(M))  # W_K^(m)
+        self.key_norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(M))
+        self.query_norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(M))
+        self.short_conv = ShortConv(D, M, config.kernel_size, dilation=config.max_ngram)
+
+    def global_rows(self, hash_ids: Tensor) -> Tensor:
+        """[B, T, H] head-local ids -> [B, T, H] rows of the physical table."""
+        return hash_ids + self.offsets
+
+    def retrieve(self, hash_ids: Tensor) -> Tensor:
+        """e_t: [B, T, H] head-local ids -> [B, T, E], orders then heads concatenated."""
+        vectors = self.table.lookup(self.global_rows(hash_ids))  # [B, T, H, E/H]
+        return vectors.flatten(-2)  # [B, T, E]
+
+    def forward(
+        self, hidden: Tensor, hash_ids: Tensor, conv_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """([B, T, M, D], [B, T, H]) -> (Y [B, T, M, D], conv state for decoding)."""
+        B, T, M, D = hidden.shape
+        if M != self.config.hc_mult or D != self.hidden_size:
+            raise ValueError(
+                f"hidden must be [B, T, hc_mult={self.config.hc_mult}, D={self.hidden_size}], "
+                f"got {list(hidden.shape)}"
+            )
+        e = self.retrieve(hash_ids).to(hidden.dtype)  # [B, T, E]
+        v = self.value_proj(e)  # [B, T, D]
+        gates = [
+            context_gate(
+                self.query_norms[m](hidden[:, :, m]),
+                self.key_norms[m](self.key_projs[m](e)),
+                signed_sqrt=self.config.gate == "signed_sqrt",
+            )
+            for m in range(M)
+        ]  # M x [B, T, 1]
+        u = torch.stack(gates, dim=2) * v.unsqueeze(2)  # [B, T, M, D]
+        y, conv_state = self.short_conv(u, conv_state)
+        return u + y, conv_state

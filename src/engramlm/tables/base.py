@@ -1,0 +1,27 @@
+"""The storage seam: Engram asks a table for rows; where the rows live is the backend's business.
+
+Every backend (in-memory, host-offloaded, disk, sharded) implements :class:`Table` and passes
+the same test suite; model code only ever calls ``lookup`` and ``prefetch``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class Table(Protocol):
+    """A [num_rows, dim] embedding table addressed by global row ids."""
+
+    num_rows: int
+    dim: int
+
+    def lookup(self, rows: Tensor) -> Tensor:
+        """[*] int64 global rows -> [*, dim] vectors, differentiable w.r.t. the table."""
+        ...
+
+    def prefetch(self, rows: Tensor) -> None:
+        """A hint that ``rows`` will be looked up soon; doing nothing is correct."""
+        ...
