@@ -134,5 +134,175 @@ class EngramConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown EngramConfig fields {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"unknown EngramConfig fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**d)
+
+
+def _check_float(name: str, value: object, lo: float, *, inclusive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if value < lo or (not inclusive and value == lo):
+        raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {lo}, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder-only backbone around Engram (SPEC §3; built by ``engramlm.model.EngramLM``).
+
+    Standard GQA attention with RoPE replaces the paper's MLA (SPEC §6 allows it). The FFN is a
+    dense SwiGLU in the first ``first_dense_layers`` layers and everywhere when
+    ``num_experts == 0``; otherwise a DeepSeek-V3 MoE with ``num_experts`` routed experts (top
+    ``experts_per_token``), ``num_shared_experts`` always-on experts, sigmoid affinities and
+    auxiliary-loss-free balancing (``moe_bias_update_rate``, arXiv 2408.15664). ``hc_mult`` is M,
+    the number of residual streams (1 = plain residual, 4 = the paper's mHC). ``engram`` places
+    Engram modules at ``engram.layer_ids`` (0-based); ``compressed_vocab_size`` is V' of the
+    tokenizer compression (SPEC §2.1), ``None`` meaning no compression (V' = V).
+    """
+
+    vocab_size: int = 256
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    ffn_hidden_size: int = 176  # dense SwiGLU intermediate (~8/3 D)
+    num_experts: int = 0  # routed experts; 0 = dense FFN in every layer
+    experts_per_token: int = 0  # top-k
+    num_shared_experts: int = 0
+    expert_hidden_size: int = 0  # SwiGLU intermediate of one (routed or shared) expert
+    first_dense_layers: int = 1  # leading layers with a dense FFN (paper: 1)
+    moe_bias_update_rate: float = 1e-3  # gamma of loss-free balancing
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+    hc_mult: int = 1  # M residual streams
+    tie_embeddings: bool = False
+    engram: EngramConfig | None = None
+    compressed_vocab_size: int | None = None  # V'; None = vocab_size (no compression)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.engram, dict):
+            object.__setattr__(self, "engram", EngramConfig.from_dict(self.engram))
+        _check_int("vocab_size", self.vocab_size, 1)
+        _check_int("num_layers", self.num_layers, 1)
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("num_heads", self.num_heads, 1)
+        _check_int("num_kv_heads", self.num_kv_heads, 1, self.num_heads)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                f"head dim hidden_size/num_heads = {self.hidden_size // self.num_heads} must be "
+                "even for RoPE (rotates pairs of channels)"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be divisible by num_kv_heads="
+                f"{self.num_kv_heads} (grouped-query attention shares each kv head)"
+            )
+        _check_int("ffn_hidden_size", self.ffn_hidden_size, 1)
+        _check_int("num_experts", self.num_experts, 0)
+        _check_int("first_dense_layers", self.first_dense_layers, 0, self.num_layers)
+        if self.num_experts:
+            _check_int("experts_per_token", self.experts_per_token, 1, self.num_experts)
+            _check_int("num_shared_experts", self.num_shared_experts, 0)
+            _check_int("expert_hidden_size", self.expert_hidden_size, 1)
+        else:
+            for name in ("experts_per_token", "num_shared_experts", "expert_hidden_size"):
+                value = getattr(self, name)
+                if value != 0:
+                    raise ValueError(
+                        f"{name}={value} needs routed experts, but num_experts=0 (dense FFN); "
+                        f"set num_experts >= 1 or {name}=0"
+                    )
+        _check_float("moe_bias_update_rate", self.moe_bias_update_rate, 0.0, inclusive=True)
+        _check_float("rope_theta", self.rope_theta, 0.0)
+        _check_int("max_seq_len", self.max_seq_len, 1)
+        _check_float("norm_eps", self.norm_eps, 0.0)
+        _check_int("hc_mult", self.hc_mult, 1)
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        if self.compressed_vocab_size is not None:
+            _check_int("compressed_vocab_size", self.compressed_vocab_size, 1, self.vocab_size)
+        if self.engram is not None:
+            self._check_engram(self.engram)
+
+    def _check_engram(self, engram: EngramConfig) -> None:
+        if not isinstance(engram, EngramConfig):
+            raise TypeError(f"engram must be an EngramConfig or None, got {type(engram).__name__}")
+        for i, layer in enumerate(engram.layer_ids):
+            if layer >= self.num_layers:
+                raise ValueError(
+                    f"engram.layer_ids[{i}]={layer} must be in [0, {self.num_layers}) "
+                    f"(0-based, num_layers={self.num_layers})"
+                )
+        if engram.hc_mult != self.hc_mult:
+            raise ValueError(
+                f"engram.hc_mult={engram.hc_mult} must equal hc_mult={self.hc_mult}: Engram "
+                "gates each residual stream of the backbone (SPEC §2.8)"
+            )
+        if engram.pad_id >= self.vocab_size:
+            raise ValueError(
+                f"engram.pad_id={engram.pad_id} must be a raw token id in [0, {self.vocab_size})"
+            )
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def hashing_vocab_size(self) -> int:
+        """V' used by the hash: ``compressed_vocab_size`` or ``vocab_size`` without compression."""
+        return self.vocab_size if self.compressed_vocab_size is None else self.compressed_vocab_size
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """Whether ``layer_id`` (0-based) has an MoE FFN rather than a dense SwiGLU."""
+        return self.num_experts > 0 and layer_id >= self.first_dense_layers
+
+    def has_engram(self, layer_id: int) -> bool:
+        return self.engram is not None and layer_id in self.engram.layer_ids
+
+    # --- presets and serialisation -----------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """Named configurations: ``tiny`` (dense), ``tiny-moe``, ``tiny-engram`` (MoE + Engram at
+        layer 1), ``tiny-mhc`` (MoE + Engram, 4 residual streams). For tests and CPU demos."""
+        moe = dict(
+            num_layers=3,
+            num_experts=8,
+            experts_per_token=2,
+            num_shared_experts=1,
+            expert_hidden_size=32,
+        )
+        presets: dict[str, dict[str, Any]] = {
+            "tiny": {},
+            "tiny-moe": moe,
+            "tiny-engram": {**moe, "engram": EngramConfig.preset("tiny")},
+            "tiny-mhc": {**moe, "hc_mult": 4, "engram": EngramConfig.preset("tiny", hc_mult=4)},
+        }
+        if name not in presets:
+            raise ValueError(f"unknown ModelConfig preset {name!r}; known: {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["engram"] = None if self.engram is None else self.engram.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; the nested ``engram`` dict is validated as EngramConfig."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        d = dict(d)
+        if isinstance(d.get("engram"), dict):
+            d["engram"] = EngramConfig.from_dict(d["engram"])
         return cls(**d)

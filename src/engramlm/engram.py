@@ -59,6 +59,8 @@ class ShortConv(nn.Module):
         if state is None:
             state = x.new_zeros(B, M * D, P)  # causal left padding
         x = torch.cat([state, x], dim=-1)  # [B, M*D, P+T]
+        if T == 0:  # conv1d refuses an input shorter than its kernel
+            return u.new_zeros(B, T, M, D), x
         y = F.conv1d(x, self.weight.to(x.dtype), dilation=self.dilation, groups=M * D)  # [B,M*D,T]
         y = F.silu(y).transpose(1, 2).reshape(B, T, M, D)
         return y, x[:, :, x.shape[-1] - P :]

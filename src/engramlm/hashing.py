@@ -151,8 +151,9 @@ def hash_ngrams(
         x_k = full[:, N - 1 - k : N - 1 - k + T]  # x'_{t-k}, [B, T]
         mix = torch.bitwise_xor(mix, x_k * multipliers[k])
         mixes.append(mix)
-    per_head = torch.stack(mixes, dim=-1).repeat_interleave(K, dim=-1)  # [B, T, H]
-    return torch.remainder(per_head, moduli)  # [B, T, H], each in [0, p_h)
+    per_order = torch.stack(mixes, dim=-1).unsqueeze(-1)  # [B, T, N-1, 1]
+    rows = torch.remainder(per_order, moduli.view(N - 1, K))  # [B, T, N-1, K], in [0, p)
+    return rows.flatten(-2)  # [B, T, H], order 2's heads first
 
 
 def ngram_hash(
@@ -177,7 +178,10 @@ def ngram_hash(
         raise ValueError(f"layer_id {layer_id} is not one of layer_ids {tuple(layer_ids)}")
     check_ids(compressed_ids, compressed_vocab_size, "compressed id")
     mult = layer_multipliers(
-        seed=seed, layer_id=layer_id, max_ngram=max_ngram, compressed_vocab_size=compressed_vocab_size
+        seed=seed,
+        layer_id=layer_id,
+        max_ngram=max_ngram,
+        compressed_vocab_size=compressed_vocab_size,
     )
     mods = head_moduli(
         layer_ids=layer_ids,
@@ -214,9 +218,7 @@ class NgramHasher(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 <= pad_id < compressed_vocab_size:
-            raise ValueError(
-                f"compressed pad_id {pad_id} must lie in [0, {compressed_vocab_size})"
-            )
+            raise ValueError(f"compressed pad_id {pad_id} must lie in [0, {compressed_vocab_size})")
         self.layer_ids = tuple(layer_ids)
         self.pad_id = pad_id
         self.max_ngram = max_ngram
@@ -238,7 +240,9 @@ class NgramHasher(nn.Module):
             self.register_buffer(f"mult_{layer}", torch.tensor(mult), persistent=False)
             self.register_buffer(f"mod_{layer}", torch.tensor(moduli[layer]), persistent=False)
 
-    def forward(self, compressed_ids: Tensor, layer_id: int, prefix: Tensor | None = None) -> Tensor:
+    def forward(
+        self, compressed_ids: Tensor, layer_id: int, prefix: Tensor | None = None
+    ) -> Tensor:
         """[B, T] compressed ids -> [B, T, H] head-local rows of ``layer_id``."""
         return hash_ngrams(
             compressed_ids,

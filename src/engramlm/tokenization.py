@@ -109,7 +109,7 @@ class CompressedVocab:
         return torch.where(ids < 0, ids, table[ids.clamp_min(0)])
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        """Raise :class:`TokenizerMismatchError` unless ``tokenizer`` is the one we were built for."""
+        """Raise :class:`TokenizerMismatchError` unless ``tokenizer`` is our source."""
         got = vocab_fingerprint(tokenizer)
         if got != self.fingerprint:
             size = _backend(tokenizer).get_vocab_size(with_added_tokens=True)
