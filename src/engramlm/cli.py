@@ -1,0 +1,135 @@
+"""The ``engramlm`` command: parses flags into configs and calls one function; nothing else.
+
+    engramlm train --config recipes/tiny.toml --train.steps=200 --model.hidden_size=128
+    engramlm eval --run runs/train [--data FILE]
+    engramlm compare [--steps N] [--out runs/compare]
+
+A config file is TOML with ``[model]`` (``[model.engram]`` nested) and ``[train]`` tables; any
+field can be overridden with a dotted flag. Unknown keys are errors that list the known ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from engramlm.config import ModelConfig
+
+
+def _parse_value(text: str) -> Any:
+    """``--x=3`` -> 3, ``--x=[1,2]`` -> [1, 2], ``--x=true`` -> True, else the string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``section.key[.sub]=value`` pairs into a nested dict (copied)."""
+    tree = json.loads(json.dumps(tree))
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise SystemExit(f"error: expected --section.key=value, got {item!r}")
+        key, value = item[2:].split("=", 1)
+        parts = key.split(".")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"error: {key}: {part} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return tree
+
+
+def load_configs(path: str | None, overrides: list[str]) -> tuple[ModelConfig, Any]:
+    """A TOML file (or the built-in ``tiny`` model) plus overrides -> (ModelConfig, TrainConfig)."""
+    from engramlm.train import TrainConfig
+
+    tree: dict[str, Any] = {"model": ModelConfig.preset("tiny").to_dict(), "train": {}}
+    if path is not None:
+        file = Path(path)
+        if not file.exists():
+            raise SystemExit(f"error: config file {file} does not exist")
+        loaded = tomllib.loads(file.read_text())
+        unknown = set(loaded) - {"model", "train"}
+        if unknown:
+            raise SystemExit(f"error: {file}: unknown sections {sorted(unknown)}; use [model], [train]")
+        if "model" in loaded:
+            tree["model"] = loaded["model"]
+        tree["train"] = loaded.get("train", {})
+    tree = apply_overrides(tree, overrides)
+    try:
+        return ModelConfig.from_dict(tree["model"]), TrainConfig.from_dict(tree["train"])
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Train a model on real text (see engramlm.train)."""
+    from engramlm.train import train
+
+    model_cfg, train_cfg = load_configs(args.config, overrides)
+    result = train(model_cfg, train_cfg, resume=args.resume)
+    print(
+        f"done: {result.steps} steps, {result.tokens:,} tokens, val loss {result.val_loss:.4f} "
+        f"nats, {result.val_bpb:.4f} bits/byte, {result.tokens_per_s:,.0f} tok/s -> {result.out_dir}"
+    )
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Validation loss and bits per byte of a trained run, on its split or on a text file."""
+    from engramlm.train import evaluate_run
+
+    loss, bpb, tokens = evaluate_run(args.run, data=args.data, max_batches=args.max_batches)
+    print(f"{args.data or 'validation split'}: loss {loss:.4f} nats, {bpb:.4f} bits/byte, {tokens:,} tokens")
+
+
+def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> None:
+    """The main job: MoE baseline vs iso-parameter Engram vs dense iso-FLOP, same data/steps."""
+    from engramlm.compare import run_compare
+
+    run_compare(out_dir=args.out, steps=args.steps, overrides=overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="engramlm", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    p.add_argument("--config", help="TOML file with [model] and [train] tables")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help=cmd_eval.__doc__)
+    p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
+    p.add_argument("--data", help="a text file/folder/.jsonl to score instead of the val split")
+    p.add_argument("--max-batches", type=int, default=None)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("compare", help=cmd_compare.__doc__)
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    p.set_defaults(fn=cmd_compare)
+
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args.fn(args, overrides)
+
+
+if __name__ == "__main__":
+    main()

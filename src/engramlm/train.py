@@ -1,0 +1,438 @@
+"""Training: the loop, the two optimisers, the schedule, evaluation and exact resume.
+
+Dense parameters train with AdamW (decoupled weight decay on matrices only). Engram tables
+train with ``torch.optim.SparseAdam`` at ``table_lr_mult`` (5, SPEC §3) times the base learning
+rate and no weight decay: each step touches only the rows the batch addressed and only their
+Adam moments (lazy Adam - rows not addressed keep their moments, which a dense Adam would
+decay). The schedule is linear warmup then cosine to ``min_lr_ratio``. Gradient clipping
+applies to the dense parameters; table rows are not clipped (their gradients are sparse and
+per-row; the paper does not say and clipping them jointly would couple unrelated rows).
+
+A run directory holds ``config.json`` (the resolved configs), ``metrics.jsonl`` and
+``checkpoints/``. ``resume=True`` continues from the last good checkpoint so that the loss curve
+equals the uninterrupted run's bit for bit (fp32 on CPU): model, optimiser, RNG and data position
+are all restored, and the schedule is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from engramlm.checkpoint import (
+    check_compatible,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from engramlm.config import ModelConfig
+from engramlm.data import (
+    PreparedCorpus,
+    Prefetcher,
+    TrainBatches,
+    ValBatches,
+    prepare_corpus,
+)
+from engramlm.model import EngramLM
+from engramlm.tables import DeviceTable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data, batch shape, optimiser, schedule, evaluation, checkpoints."""
+
+    data: str = "pydocs"  # a named corpus (DATA.md) or a file / folder / .jsonl path
+    vocab_size: int = 8192  # byte-level BPE trained on the training split
+    val_fraction: float = 0.05
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 3e-3
+    table_lr_mult: float = 5.0  # SPEC §3: Engram embeddings at 5x the base LR, Adam, no wd
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    out_dir: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "eval_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "log_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.table_lr_mult <= 0:
+            raise ValueError(f"lr and table_lr_mult must be > 0, got {self.lr}, {self.table_lr_mult}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; also written to ``<out_dir>/result.json``."""
+
+    out_dir: str
+    steps: int
+    tokens: int
+    val_loss: float
+    val_bpb: float
+    tokens_per_s: float
+    train_seconds: float
+    history: list[dict[str, float]]
+    expert_load: list[list[float]] | None = None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine down to ``lr * min_lr_ratio`` at ``steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    """AdamW for dense parameters (no decay on vectors), SparseAdam for Engram tables."""
+    decay, no_decay = [], []
+    for p in model.dense_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "dense": torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            foreach=False,  # same arithmetic whatever the grouping: exact resume
+        )
+    }
+    tables = [p for p in model.engram_table_parameters() if p.requires_grad]
+    if tables:
+        optimizers["tables"] = torch.optim.SparseAdam(
+            tables, lr=cfg.lr * cfg.table_lr_mult, betas=(0.9, 0.95), eps=1e-8
+        )
+    return optimizers
+
+
+def set_lr(optimizers: dict[str, torch.optim.Optimizer], lr: float, cfg: TrainConfig) -> None:
+    for name, opt in optimizers.items():
+        for group in opt.param_groups:
+            group["lr"] = lr * (cfg.table_lr_mult if name == "tables" else 1.0)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: EngramLM, batches: ValBatches, cfg: TrainConfig, device: torch.device
+) -> float:
+    """Token-weighted mean cross-entropy (nats) over the validation windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        with _autocast(cfg, device):
+            out = model(batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets)
+        n = batch.targets.numel()
+        total += float(out.loss) * n
+        count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("validation split produced no windows; lower seq_len or eval size")
+    return total / count
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, rows past the resumed step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        rows = []
+        if resume_step is not None and path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r["step"] <= resume_step]
+        elif path.exists():
+            path.unlink()
+        self.rows: list[dict[str, Any]] = rows
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    corpus: PreparedCorpus | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> TrainResult:
+    """Train a model on real text and return its validation loss; see the module docstring."""
+    device = torch.device(device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = corpus or prepare_corpus(
+        cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, seed=cfg.seed
+    )
+    model_cfg = _bind_vocab(model_cfg, corpus)
+    configs = {
+        "model": model_cfg.to_dict(),
+        "train": cfg.to_dict(),
+        "tokenizer_fingerprint": corpus.compressed_vocab.fingerprint,
+    }
+
+    torch.manual_seed(cfg.seed)
+    vocab = corpus.compressed_vocab if model_cfg.engram else None
+    model = EngramLM(model_cfg, vocab).to(device)
+    for module in model.modules():
+        if isinstance(module, DeviceTable):
+            module.sparse_grad = True  # SparseAdam: only addressed rows and their moments move
+    optimizers = build_optimizers(model, cfg)
+    train_batches = TrainBatches(
+        corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, hash_fn=model.compute_hash_ids
+    )
+    val_batches = ValBatches(
+        corpus.val,
+        cfg.batch_size,
+        cfg.seq_len,
+        max_batches=cfg.eval_batches,
+        hash_fn=model.compute_hash_ids,
+    )
+
+    start_step, tokens_seen, train_seconds = 0, 0, 0.0
+    ckpt = find_latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        logger.warning("--resume: no checkpoint under %s, starting from scratch", out)
+    if ckpt is not None:
+        saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        if saved:
+            check_compatible(saved.get("model", {}), configs["model"], what="model config")
+            check_compatible(
+                {"fingerprint": saved.get("tokenizer_fingerprint")},
+                {"fingerprint": configs["tokenizer_fingerprint"]},
+                what="tokenizer",
+            )
+        state = load_checkpoint(ckpt, model=model, optimizers=optimizers, map_location=device)
+        start_step, tokens_seen = int(state["step"]), int(state["tokens"])
+        train_seconds = float(state.get("train_seconds", 0.0))
+        train_batches.load_state_dict(state["data"])
+        logger.info("resumed from %s at step %d", ckpt, start_step)
+    (out / "config.json").write_text(json.dumps(configs, indent=2))
+    corpus.tokenizer.save(str(out / "tokenizer.json"))
+    corpus.compressed_vocab.save(out / "compressed_vocab.json")
+    metrics = MetricsLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
+
+    def save(step: int) -> None:
+        save_checkpoint(
+            out,
+            step,
+            model=model,
+            optimizers=optimizers,
+            trainer_state={
+                "step": step,
+                "tokens": tokens_seen,
+                "train_seconds": train_seconds,
+                "data": stream.state_dict(),
+            },
+            config=configs,
+            tokenizer_fingerprint=corpus.compressed_vocab.fingerprint,
+            keep=cfg.keep_checkpoints,
+        )
+
+    model.train()
+    dense_params = [p for p in model.dense_parameters() if p.requires_grad]
+    val_loss = float("nan")
+    last_load: list[list[float]] | None = None
+    bar = _progress(cfg.steps, start_step, progress)
+    stream = Prefetcher(train_batches, depth=2)
+    try:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            set_lr(optimizers, lr, cfg)
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = next(stream).to(device)
+                with _autocast(cfg, device):
+                    loss = model(batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets).loss
+                (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach())
+                tokens_seen += batch.input_ids.numel()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip, foreach=False))
+            for opt in optimizers.values():
+                opt.step()
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            loads = model.update_moe_biases()
+            if loads:
+                last_load = [v.tolist() for v in loads.values()]
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+            row: dict[str, Any] = {
+                "step": step + 1,
+                "loss": loss_sum / cfg.grad_accum,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens_seen,
+                "tokens_per_s": step_tokens / dt,
+                "time": train_seconds,
+            }
+            last = step + 1 == cfg.steps
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                val_loss = evaluate(model, val_batches, cfg, device)
+                row["val_loss"] = val_loss
+                row["val_bpb"] = corpus.val.bits_per_byte(val_loss)
+            if (step + 1) % max(1, cfg.log_every) == 0 or "val_loss" in row or last:
+                metrics.write(row)
+            bar.set_postfix(
+                loss=f"{row['loss']:.3f}",
+                val=f"{val_loss:.3f}",
+                tok_s=f"{row['tokens_per_s']:.0f}",
+                refresh=False,
+            )
+            bar.update(1)
+            if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last:
+                save(step + 1)
+    finally:
+        stream.close()
+        bar.close()
+
+    if start_step >= cfg.steps:  # resumed a finished run: evaluate what is there
+        val_loss = evaluate(model, val_batches, cfg, device)
+    result = TrainResult(
+        out_dir=str(out),
+        steps=cfg.steps,
+        tokens=tokens_seen,
+        val_loss=val_loss,
+        val_bpb=corpus.val.bits_per_byte(val_loss),
+        tokens_per_s=tokens_seen / train_seconds if train_seconds else float("nan"),
+        train_seconds=train_seconds,
+        history=metrics.rows,
+        expert_load=last_load,
+    )
+    (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    return result
+
+
+def _bind_vocab(model_cfg: ModelConfig, corpus: PreparedCorpus) -> ModelConfig:
+    """The model's vocabulary is the tokenizer's; V' is the compressed vocabulary's."""
+    compressed = corpus.compressed_vocab.num_compressed if model_cfg.engram else None
+    return dataclasses.replace(
+        model_cfg, vocab_size=corpus.vocab_size, compressed_vocab_size=compressed
+    )
+
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[EngramLM, Any]:
+    """The trained model and tokenizer of a run directory, from its last good checkpoint."""
+    from tokenizers import Tokenizer
+
+    from engramlm.tokenization import CompressedVocab
+
+    run = Path(run_dir)
+    for name in ("config.json", "tokenizer.json", "compressed_vocab.json"):
+        if not (run / name).exists():
+            raise FileNotFoundError(f"{run / name} is missing: is {run} a run written by train?")
+    configs = json.loads((run / "config.json").read_text())
+    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    vocab = CompressedVocab.load(run / "compressed_vocab.json")
+    vocab.check_tokenizer(tokenizer)
+    model_cfg = ModelConfig.from_dict(configs["model"])
+    model = EngramLM(model_cfg, vocab if model_cfg.engram else None).to(device)
+    ckpt = find_latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint under {run / 'checkpoints'}")
+    load_checkpoint(ckpt, model=model, optimizers={}, map_location=device)
+    model.eval()
+    return model, tokenizer
+
+
+def evaluate_run(
+    run_dir: str | Path, *, data: str | None = None, max_batches: int | None = None
+) -> tuple[float, float, int]:
+    """(loss nats, bits per byte, tokens scored) of a run on its validation split or ``data``."""
+    import numpy as np
+
+    from engramlm.data import load_documents, prepare_corpus, special_token_id
+
+    model, tokenizer = load_run(run_dir)
+    cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["train"])
+    if data is None:
+        corpus = prepare_corpus(
+            cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, seed=cfg.seed
+        )
+        tokens, num_bytes = corpus.val.tokens, corpus.val.stats()["bytes"]
+    else:
+        docs = load_documents(data)
+        eos = special_token_id(tokenizer)
+        ids: list[int] = []
+        for enc in tokenizer.encode_batch([d.text for d in docs]):
+            ids.extend(enc.ids)
+            ids.append(eos)
+        tokens = np.asarray(ids, dtype=np.int64)
+        num_bytes = sum(len(d.text.encode()) for d in docs)
+    batches = ValBatches(
+        tokens, cfg.batch_size, cfg.seq_len, max_batches=max_batches, hash_fn=model.compute_hash_ids
+    )
+    loss = evaluate(model, batches, cfg, torch.device("cpu"))
+    scored = sum(b.targets.numel() for b in batches)
+    # Tokens per byte of the whole text converts nats/token into bits/byte.
+    return loss, loss * len(tokens) / (num_bytes * math.log(2)), scored

@@ -1,0 +1,310 @@
+"""Backbone invariants: causality, decode == full forward, accounting, validation, balancing."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engramlm
+from engramlm.config import EngramConfig, ModelConfig
+from engramlm.model import (
+    EngramLM,
+    HyperConnections,
+    MoE,
+    allocate,
+    model_stats,
+    sinkhorn,
+)
+from engramlm.tokenization import CompressedVocab
+
+SMALL_ENGRAM = EngramConfig.preset("tiny", table_sizes=(101, 103), layer_ids=(0, 2))
+
+
+def small(name: str, **overrides: object) -> ModelConfig:
+    """Presets with small Engram tables (layers 0 and 2), so the tests stay fast."""
+    cfg = ModelConfig.preset(name, **overrides)
+    if cfg.engram is not None:
+        cfg = dataclasses.replace(
+            cfg, engram=dataclasses.replace(SMALL_ENGRAM, hc_mult=cfg.hc_mult)
+        )
+    return cfg
+
+
+CONFIGS = {
+    "dense": small("tiny"),
+    "moe": small("tiny-moe"),
+    "engram": small("tiny-engram"),
+    "mhc": small("tiny-mhc"),
+    "dense-mhc-tied": small("tiny", hc_mult=2, tie_embeddings=True),
+}
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> EngramLM:
+    torch.manual_seed(seed)
+    model = EngramLM(cfg).eval()
+    # Non-zero short conv and HC dynamics, so the tests exercise their decode state.
+    with torch.no_grad():
+        for block in model.layers:
+            if block.engram is not None:
+                block.engram.short_conv.weight.normal_(std=0.3)
+            for res in (block.attn_residual, block.ffn_residual):
+                if isinstance(res, HyperConnections):
+                    res.dynamic.normal_(std=0.5)
+                    res.alpha.fill_(0.5)
+    return model
+
+
+def ids(cfg: ModelConfig, B: int, T: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_model_is_causal(name: str) -> None:
+    cfg = CONFIGS[name]
+    model = build(cfg)
+    x = ids(cfg, 2, 12)
+    t = 6
+    y = x.clone()
+    y[:, t + 1] = (y[:, t + 1] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    if cfg.num_experts == 0:
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1])
+    else:
+        # Exact up to float reassociation: the changed token joins other experts' groups, and
+        # a matmul's rows can round differently with the group size (BLAS blocking).
+        torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=0)
+    assert not torch.equal(a[:, t + 1 :], b[:, t + 1 :])
+
+
+@pytest.mark.parametrize("name", ["dense", "moe", "engram", "mhc"])
+@pytest.mark.parametrize("prompt_len", [1, 5])  # shorter and longer than the n-gram order
+def test_decode_matches_full_forward(name: str, prompt_len: int) -> None:
+    cfg = CONFIGS[name]
+    model = build(cfg)
+    x = ids(cfg, 2, 11)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache()
+        steps = [model(x[:, :prompt_len], cache=cache).logits]
+        t = prompt_len
+        for n in (1, 3, 1):  # single and multi-token continuations
+            steps.append(model(x[:, t : t + n], cache=cache).logits)
+            t += n
+        steps.append(model(x[:, t:], cache=cache).logits)
+    assert cache.offset == x.shape[1]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_precomputed_hash_ids_match_internal_hashing() -> None:
+    cfg = CONFIGS["engram"]
+    model = build(cfg)
+    x = ids(cfg, 2, 9)
+    with torch.no_grad():
+        a = model(x).logits
+        b = model(x, hash_ids=model.compute_hash_ids(x)).logits
+    assert torch.equal(a, b)
+
+
+def test_compressed_vocab_changes_hashing_not_embeddings() -> None:
+    base = CONFIGS["engram"]
+    lookup = np.arange(base.vocab_size, dtype=np.int64) // 2  # pairs of raw ids merge
+    vocab = CompressedVocab(lookup, base.vocab_size // 2, "fp")
+    cfg = dataclasses.replace(base, compressed_vocab_size=base.vocab_size // 2)
+    model = EngramLM(cfg, vocab)
+    x = torch.tensor([[4, 6, 8]])
+    y = torch.tensor([[5, 7, 9]])  # same compressed ids
+    for layer, rows in model.compute_hash_ids(x).items():
+        assert torch.equal(rows, model.compute_hash_ids(y)[layer])
+    with pytest.raises(ValueError, match="compressed_vocab_size"):
+        EngramLM(base, vocab)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_param_accounting_equals_numel(name: str) -> None:
+    cfg = CONFIGS[name]
+    model = EngramLM(cfg)
+    stats = model_stats(cfg)
+    assert stats.total_params == sum(p.numel() for p in model.parameters())
+    tables = sum(p.numel() for p in model.engram_table_parameters())
+    assert stats.engram_table_params == tables
+    dense = sum(p.numel() for p in model.dense_parameters())
+    assert dense + tables == stats.total_params
+    assert "P_act" in stats.format()
+
+
+def test_active_params_count_top_k_experts() -> None:
+    cfg = CONFIGS["moe"]
+    stats = model_stats(cfg)
+    n_moe = cfg.num_layers - cfg.first_dense_layers
+    idle = n_moe * (cfg.num_experts - cfg.experts_per_token) * 3 * 64 * cfg.expert_hidden_size
+    assert stats.sparse_params == idle
+
+
+def test_allocate_rho_one_is_pure_moe() -> None:
+    cfg = CONFIGS["moe"]
+    assert allocate(cfg, 1.0) == cfg
+    assert allocate(cfg, 1.0).engram is None
+
+
+def test_allocate_keeps_total_params_and_top_k() -> None:
+    cfg = dataclasses.replace(CONFIGS["moe"], num_experts=16)
+    shape = EngramConfig.preset("tiny", layer_ids=(1,))
+    out = allocate(cfg, 0.8, engram=shape)
+    base, new = model_stats(cfg), model_stats(out)
+    assert out.num_experts == 16 - round(0.2 * 14)
+    assert out.experts_per_token == cfg.experts_per_token
+    assert abs(new.total_params - base.total_params) / base.total_params < 0.02
+    # Iso-activation up to Engram's dense parts (activated) less the removed experts' router
+    # rows (see allocate's docstring).
+    n_moe = cfg.num_layers - cfg.first_dense_layers
+    router_rows = (cfg.num_experts - out.num_experts) * n_moe * cfg.hidden_size
+    assert new.active_params - base.active_params == new.engram_dense_params - router_rows
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(hidden_size=66), "hidden_size"),
+        (dict(num_kv_heads=3), "num_kv_heads"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(num_experts=4, experts_per_token=5, expert_hidden_size=8), "experts_per_token"),
+        (dict(num_experts=4, experts_per_token=1, expert_hidden_size=0), "expert_hidden_size"),
+        (dict(experts_per_token=2), "experts_per_token"),
+        (dict(first_dense_layers=3), "first_dense_layers"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(norm_eps=-1.0), "norm_eps"),
+        (dict(hc_mult=0), "hc_mult"),
+        (dict(compressed_vocab_size=10_000), "compressed_vocab_size"),
+        (dict(engram=EngramConfig.preset("tiny", layer_ids=(5,))), "engram.layer_ids"),
+        (dict(engram=EngramConfig.preset("tiny", hc_mult=4)), "engram.hc_mult"),
+    ],
+)
+def test_config_validation_names_field(overrides: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(field)):
+        ModelConfig(**overrides)
+
+
+def test_config_round_trips_through_dict() -> None:
+    for cfg in CONFIGS.values():
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({"width": 3})
+    with pytest.raises(ValueError, match="known"):
+        ModelConfig.preset("huge")
+
+
+def test_moe_bias_update_balances_load() -> None:
+    torch.manual_seed(0)
+    moe = MoE(ModelConfig.preset("tiny-moe"))
+    with torch.no_grad():
+        moe.router.weight.normal_(std=0.02)
+        moe.router.weight[0] += 0.5  # expert 0 attracts most tokens
+    x = torch.randn(1, 256, 64).abs()
+
+    def imbalance() -> float:
+        moe.expert_counts.zero_()
+        with torch.no_grad():
+            moe(x)
+        load = moe.expert_load().float()
+        return float(load.max() / load.mean())
+
+    before = imbalance()
+    for _ in range(40):
+        with torch.no_grad():
+            moe(x)
+        moe.update_bias(rate=0.02)
+    assert imbalance() < before
+
+
+def test_sinkhorn_is_doubly_stochastic() -> None:
+    m = sinkhorn(torch.randn(5, 4, 4), iters=20)
+    torch.testing.assert_close(m.sum(-1), torch.ones(5, 4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(m.sum(-2), torch.ones(5, 4), atol=1e-4, rtol=0)
+
+
+def test_hyper_connections_start_as_plain_residual() -> None:
+    torch.manual_seed(0)
+    hc = HyperConnections(8, 4, eps=1e-6)
+    x = torch.randn(2, 3, 8)
+    streams = x.unsqueeze(2).expand(2, 3, 4, 8)
+    out = hc(streams, torch.tanh)
+    torch.testing.assert_close(out, (x + torch.tanh(x)).unsqueeze(2).expand_as(out))
+
+
+def test_engram_init_is_its_own() -> None:
+    model = EngramLM(CONFIGS["engram"])
+    for block in model.layers:
+        if block.engram is not None:
+            assert float(block.engram.table.weight.detach().std()) > 0.5  # N(0, 1), not std 0.02
+            assert not block.engram.short_conv.weight.any()
+
+
+def test_model_imports_no_distributed() -> None:
+    src = Path(engramlm.__file__).parent
+    for name in ("model.py", "engram.py"):
+        assert "torch.distributed" not in (src / name).read_text()
+
+
+def test_output_dtype_under_bf16_autocast() -> None:
+    cfg = CONFIGS["mhc"]
+    model = build(cfg)
+    x = ids(cfg, 2, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, targets=x)
+    assert out.logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.loss)
+
+
+def test_out_of_range_id_names_position() -> None:
+    cfg = CONFIGS["dense"]
+    model = build(cfg)
+    x = ids(cfg, 2, 5)
+    x[1, 3] = cfg.vocab_size
+    with pytest.raises(ValueError, match=re.escape("(1, 3)")):
+        model(x)
+
+
+def test_empty_batch_and_sequence() -> None:
+    cfg = CONFIGS["engram"]
+    model = build(cfg)
+    for B, T in ((0, 4), (2, 0)):
+        x = torch.zeros(B, T, dtype=torch.int64)
+        out = model(x, targets=x)
+        assert out.logits.shape == (B, T, cfg.vocab_size)
+
+
+def test_loss_ignores_masked_targets_and_backpropagates() -> None:
+    cfg = CONFIGS["engram"]
+    model = build(cfg).train()
+    x = ids(cfg, 2, 8)
+    targets = x.clone()
+    targets[:, :4] = -100
+    out = model(x, targets=targets)
+    assert out.loss is not None
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.engram_table_parameters())
+
+
+def test_sequence_longer_than_max_seq_len_raises() -> None:
+    cfg = CONFIGS["dense"]
+    model = build(cfg)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(ids(cfg, 1, cfg.max_seq_len + 1))
+
+
+def test_meta_device_build_then_init_matches_constants() -> None:
+    cfg = CONFIGS["mhc"]
+    ref = EngramLM(cfg)
+    with torch.device("meta"):
+        model = EngramLM(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for (name, got), want in zip(model.named_buffers(), ref.buffers(), strict=True):
+        assert torch.equal(got, want), name
