@@ -21,6 +21,7 @@ demo: $(VENV)/.installed data
 	$(BIN)/engramlm compare
 
 test: $(VENV)/.installed data
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed

@@ -113,14 +113,14 @@ def main() -> None:
 
 def layer_vs_block(args: argparse.Namespace) -> None:
     """Engram layer forward+backward vs one attention+FFN block of the same width."""
-    from engramlm.model import Block
-
     from engramlm.config import ModelConfig
+    from engramlm.engram import Engram
+    from engramlm.model import Block, rope_tables
 
-    D = args.hidden
-    T = min(args.seq, 1024)
-    B = args.batch
-    cfg = EngramConfig.preset("tiny", table_sizes=(100_003, 100_003), embed_dim_per_ngram=128)
+    B, T, D = args.batch, min(args.seq, 1024), args.hidden
+    cfg = EngramConfig(
+        table_sizes=(100_003, 100_003), embed_dim_per_ngram=256, layer_ids=(1,), hc_mult=1
+    )
     hasher = NgramHasher(
         seed=0,
         layer_ids=cfg.layer_ids,
@@ -130,26 +130,26 @@ def layer_vs_block(args: argparse.Namespace) -> None:
         pad_id=0,
         compressed_vocab_size=50_000,
     )
-    from engramlm.engram import Engram
-
-    engram = Engram(cfg, D, hasher.moduli[cfg.layer_ids[0]])
-    mcfg = ModelConfig.preset(
-        "tiny", hidden_size=D, num_heads=max(1, D // 64), num_kv_heads=max(1, D // 64)
+    engram = Engram(cfg, D, hasher.moduli[1])
+    heads = max(1, D // 64)
+    mcfg = ModelConfig(
+        hidden_size=D, num_heads=heads, num_kv_heads=heads, ffn_hidden_size=3 * D, max_seq_len=T
     )
     block = Block(mcfg, layer_id=0)
+    cos, sin = rope_tables(mcfg.head_dim, T, mcfg.rope_theta)
     x = torch.randn(B, T, 1, D, requires_grad=True)
-    hash_ids = hasher(torch.randint(0, 50_000, (B, T)), cfg.layer_ids[0])
+    hash_ids = hasher(torch.randint(0, 50_000, (B, T)), 1)
 
     def run_engram() -> None:
         y, _ = engram(x, hash_ids)
         y.sum().backward()
 
     def run_block() -> None:
-        y = block.forward_train(x) if hasattr(block, "forward_train") else block(x)
-        (y[0] if isinstance(y, tuple) else y).sum().backward()
+        block(x, cos, sin).sum().backward()
 
     t = interleaved({"engram": run_engram, "block": run_block}, repeats=args.repeats)
-    print(f"Engram layer fwd+bwd vs one attention+FFN block, B={B} T={T} D={D}:")
+    print(f"Engram layer (E={cfg.memory_dim}, H={cfg.num_heads}) fwd+bwd vs one attention+FFN")
+    print(f"block (FFN {3 * D}), B={B} T={T} D={D}:")
     print(
         f"  engram {t['engram'] * 1e3:.1f} ms, block {t['block'] * 1e3:.1f} ms, "
         f"ratio {t['engram'] / t['block']:.2f}x"

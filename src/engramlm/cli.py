@@ -63,11 +63,18 @@ def load_configs(path: str | None, overrides: list[str]) -> tuple[ModelConfig, A
         loaded = tomllib.loads(file.read_text())
         unknown = set(loaded) - {"model", "train"}
         if unknown:
-            raise SystemExit(f"error: {file}: unknown sections {sorted(unknown)}; use [model], [train]")
+            raise SystemExit(
+                f"error: {file}: unknown sections {sorted(unknown)}; use [model], [train]"
+            )
         if "model" in loaded:
             tree["model"] = loaded["model"]
         tree["train"] = loaded.get("train", {})
     tree = apply_overrides(tree, overrides)
+    unknown = set(tree) - {"model", "train"}
+    if unknown:  # e.g. --steps=3 for --train.steps=3: would otherwise be silently ignored
+        raise SystemExit(
+            f"error: unknown sections {sorted(unknown)} in overrides; use --model.* or --train.*"
+        )
     try:
         return ModelConfig.from_dict(tree["model"]), TrainConfig.from_dict(tree["train"])
     except (TypeError, ValueError) as e:
@@ -82,7 +89,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     result = train(model_cfg, train_cfg, resume=args.resume)
     print(
         f"done: {result.steps} steps, {result.tokens:,} tokens, val loss {result.val_loss:.4f} "
-        f"nats, {result.val_bpb:.4f} bits/byte, {result.tokens_per_s:,.0f} tok/s -> {result.out_dir}"
+        f"nats, {result.val_bpb:.4f} bits/byte, {result.tokens_per_s:,.0f} tok/s "
+        f"-> {result.out_dir}"
     )
 
 
@@ -91,7 +99,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from engramlm.train import evaluate_run
 
     loss, bpb, tokens = evaluate_run(args.run, data=args.data, max_batches=args.max_batches)
-    print(f"{args.data or 'validation split'}: loss {loss:.4f} nats, {bpb:.4f} bits/byte, {tokens:,} tokens")
+    print(
+        f"{args.data or 'validation split'}: loss {loss:.4f} nats, {bpb:.4f} bits/byte, "
+        f"{tokens:,} tokens"
+    )
 
 
 def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -36,8 +36,8 @@ from engramlm.checkpoint import (
 )
 from engramlm.config import ModelConfig
 from engramlm.data import (
-    PreparedCorpus,
     Prefetcher,
+    PreparedCorpus,
     TrainBatches,
     ValBatches,
     prepare_corpus,
@@ -85,7 +85,9 @@ class TrainConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.table_lr_mult <= 0:
-            raise ValueError(f"lr and table_lr_mult must be > 0, got {self.lr}, {self.table_lr_mult}")
+            raise ValueError(
+                f"lr and table_lr_mult must be > 0, got {self.lr}, {self.table_lr_mult}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -101,7 +103,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}"
+            )
         return cls(**d)
 
 
@@ -169,9 +173,7 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 
 
 @torch.no_grad()
-def evaluate(
-    model: EngramLM, batches: ValBatches, cfg: TrainConfig, device: torch.device
-) -> float:
+def evaluate(model: EngramLM, batches: ValBatches, cfg: TrainConfig, device: torch.device) -> float:
     """Token-weighted mean cross-entropy (nats) over the validation windows."""
     was_training = model.training
     model.eval()
@@ -225,6 +227,11 @@ def train(
     device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train a model on real text and return its validation loss; see the module docstring."""
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(
+            f"train.seq_len={cfg.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
+            "lower seq_len or raise max_seq_len"
+        )
     device = torch.device(device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +268,9 @@ def train(
     if resume and ckpt is None:
         logger.warning("--resume: no checkpoint under %s, starting from scratch", out)
     if ckpt is not None:
-        saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        saved = (
+            json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        )
         if saved:
             check_compatible(saved.get("model", {}), configs["model"], what="model config")
             check_compatible(
@@ -269,11 +278,12 @@ def train(
                 {"fingerprint": configs["tokenizer_fingerprint"]},
                 what="tokenizer",
             )
-        state = load_checkpoint(ckpt, model=model, optimizers=optimizers, map_location=device)
+        # The run directory, not ``ckpt``: falls back past checkpoints that fail verification.
+        state = load_checkpoint(out, model=model, optimizers=optimizers, map_location=device)
         start_step, tokens_seen = int(state["step"]), int(state["tokens"])
         train_seconds = float(state.get("train_seconds", 0.0))
         train_batches.load_state_dict(state["data"])
-        logger.info("resumed from %s at step %d", ckpt, start_step)
+        logger.info("resumed from %s at step %d", state["path"], start_step)
     (out / "config.json").write_text(json.dumps(configs, indent=2))
     corpus.tokenizer.save(str(out / "tokenizer.json"))
     corpus.compressed_vocab.save(out / "compressed_vocab.json")
@@ -311,11 +321,15 @@ def train(
             for _ in range(cfg.grad_accum):
                 batch = next(stream).to(device)
                 with _autocast(cfg, device):
-                    loss = model(batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets).loss
+                    loss = model(
+                        batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets
+                    ).loss
                 (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach())
                 tokens_seen += batch.input_ids.numel()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip, foreach=False))
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip, foreach=False)
+            )
             for opt in optimizers.values():
                 opt.step()
             for opt in optimizers.values():
@@ -380,7 +394,6 @@ def _bind_vocab(model_cfg: ModelConfig, corpus: PreparedCorpus) -> ModelConfig:
     )
 
 
-
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[EngramLM, Any]:
     """The trained model and tokenizer of a run directory, from its last good checkpoint."""
     from tokenizers import Tokenizer
@@ -397,10 +410,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[E
     vocab.check_tokenizer(tokenizer)
     model_cfg = ModelConfig.from_dict(configs["model"])
     model = EngramLM(model_cfg, vocab if model_cfg.engram else None).to(device)
-    ckpt = find_latest_checkpoint(run)
-    if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint under {run / 'checkpoints'}")
-    load_checkpoint(ckpt, model=model, optimizers={}, map_location=device)
+    # The newest checkpoint that verifies; FileNotFoundError when there is none.
+    load_checkpoint(run, model=model, optimizers={}, map_location=device, restore_rng=False)
     model.eval()
     return model, tokenizer
 

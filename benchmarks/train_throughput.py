@@ -1,0 +1,198 @@
+"""What does Engram cost per training step, and where does that time go?
+
+Two models on the same real batches (pydocs, byte-level BPE): a dense backbone (default 4
+layers, D=256) and the same backbone with Engram at layer 1. Full training steps (forward,
+backward, clipping, AdamW + SparseAdam for the tables, as ``engramlm.train`` does them) of the
+two are interleaved, so machine noise hits both alike; tokens/s and their ratio come from the
+median step times.
+
+Then the Engram model's step is split into: hashing (``model.compute_hash_ids``), table lookup
+(``table.lookup`` forward + backward), the rest of the Engram layer (projections, gates, short
+conv; forward + backward), the table optimiser step (SparseAdam) and everything else. Hashing
+and the optimiser are timed inside the step; the layer and its lookup are timed on the
+step's own inputs (captured with a forward pre-hook), fwd+bwd in isolation, interleaved.
+``engramlm.train`` hashes in the loader's background thread, so the ratio is also given with
+hashing taken off the step.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved, machine  # noqa: E402
+
+from engramlm.config import EngramConfig, ModelConfig  # noqa: E402
+from engramlm.data import Batch, TrainBatches, prepare_corpus  # noqa: E402
+from engramlm.engram import Engram  # noqa: E402
+from engramlm.model import EngramLM  # noqa: E402
+from engramlm.tables import DeviceTable  # noqa: E402
+from engramlm.tokenization import CompressedVocab  # noqa: E402
+from engramlm.train import TrainConfig, build_optimizers  # noqa: E402
+
+
+class Trainee:
+    """A model, its optimisers and one timed training step (the loop body of ``train``)."""
+
+    def __init__(self, config: ModelConfig, vocab: CompressedVocab, cfg: TrainConfig) -> None:
+        torch.manual_seed(cfg.seed)
+        self.model = EngramLM(config, vocab if config.engram else None)
+        for module in self.model.modules():
+            if isinstance(module, DeviceTable):
+                module.sparse_grad = True
+        self.model.train()
+        self.optimizers = build_optimizers(self.model, cfg)
+        self.dense = [p for p in self.model.dense_parameters() if p.requires_grad]
+        self.cfg = cfg
+        self.parts: dict[str, list[float]] = {"hashing": [], "table optimiser": []}
+
+    def step(self, batch: Batch) -> float:
+        """Seconds for one step, hashing included; records the hashing and table-optimiser parts."""
+        t0 = time.perf_counter()
+        hash_ids = self.model.compute_hash_ids(batch.input_ids) if self.model.hasher else None
+        t1 = time.perf_counter()
+        loss = self.model(batch.input_ids, hash_ids=hash_ids, targets=batch.targets).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.dense, self.cfg.grad_clip, foreach=False)
+        self.optimizers["dense"].step()
+        t2 = time.perf_counter()
+        if "tables" in self.optimizers:
+            self.optimizers["tables"].step()
+        t3 = time.perf_counter()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.model.update_moe_biases()
+        t4 = time.perf_counter()
+        self.parts["hashing"].append(t1 - t0)
+        self.parts["table optimiser"].append(t3 - t2)
+        return t4 - t0
+
+
+def engram_layer_timers(model: EngramLM, batch: Batch) -> dict[str, Callable[[], object]]:
+    """fwd+bwd of the (first) Engram layer and of its table lookup, on this batch's inputs."""
+    block = next(b for b in model.layers if b.engram is not None)
+    engram: Engram = block.engram  # type: ignore[assignment]
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module: Engram, args: tuple[torch.Tensor, ...]) -> None:
+        captured["hidden"], captured["hash_ids"] = args[0].detach(), args[1]
+
+    handle = engram.register_forward_pre_hook(capture)
+    with torch.no_grad():
+        model(batch.input_ids)
+    handle.remove()
+    hidden = captured["hidden"].requires_grad_()  # [B, T, M, D]
+    hash_ids = captured["hash_ids"]  # [B, T, H]
+    rows = engram.global_rows(hash_ids)
+    grad_y = torch.randn_like(hidden)
+    grad_rows = torch.randn(*rows.shape, engram.table.dim)
+
+    def layer() -> None:
+        y, _ = engram(hidden, hash_ids)
+        y.backward(grad_y)
+        engram.zero_grad(set_to_none=True)
+
+    def lookup() -> None:
+        engram.table.lookup(rows).backward(grad_rows)
+        engram.zero_grad(set_to_none=True)
+
+    return {"engram layer": layer, "table lookup": lookup}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="pydocs")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--engram-layer", type=int, default=1)
+    p.add_argument("--table-size", type=int, default=50_000, help="rows per head, pre-prime")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    corpus = prepare_corpus(args.data, vocab_size=args.vocab)
+    D = args.hidden
+    backbone = ModelConfig(
+        vocab_size=corpus.vocab_size,
+        num_layers=args.layers,
+        hidden_size=D,
+        num_heads=max(1, D // 64),
+        num_kv_heads=max(1, D // 128),
+        ffn_hidden_size=8 * D // 3,
+        max_seq_len=args.seq,
+    )
+    engram_cfg = EngramConfig(
+        table_sizes=(args.table_size, args.table_size),
+        embed_dim_per_ngram=D,
+        layer_ids=(args.engram_layer,),
+        hc_mult=1,
+    )
+    with_engram = dataclasses.replace(
+        backbone, engram=engram_cfg, compressed_vocab_size=corpus.compressed_vocab.num_compressed
+    )
+    cfg = TrainConfig(seq_len=args.seq, batch_size=args.batch)
+    models = {
+        "backbone": Trainee(backbone, corpus.compressed_vocab, cfg),
+        "engram": Trainee(with_engram, corpus.compressed_vocab, cfg),
+    }
+    batches = TrainBatches(corpus.train, args.batch, args.seq, seed=0)
+    step_times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(args.steps + 1):  # the first step of each is a warm-up
+        batch = next(batches)
+        for name, trainee in models.items():
+            seconds = trainee.step(batch)
+            if i:
+                step_times[name].append(seconds)
+    step = {name: statistics.median(t) for name, t in step_times.items()}
+    engram = models["engram"]
+    hashing = statistics.median(engram.parts["hashing"][1:])
+    table_opt = statistics.median(engram.parts["table optimiser"][1:])
+    iso = interleaved(engram_layer_timers(engram.model, batch), repeats=max(3, args.steps // 2))
+    tokens = args.batch * args.seq
+
+    print(f"machine: {machine()}")
+    table_params = sum(p.numel() for p in engram.model.engram_table_parameters())
+    print(
+        f"train step B={args.batch} T={args.seq} D={D} layers={args.layers} V={corpus.vocab_size}, "
+        f"Engram at layer {args.engram_layer}: H={engram_cfg.num_heads}, "
+        f"E={engram_cfg.memory_dim}, {table_params / 1e6:.1f}M table params; "
+        f"median of {args.steps} interleaved steps"
+    )
+    for name in models:
+        print(f"  {name:9s} {step[name] * 1e3:8.1f} ms/step  {tokens / step[name]:9,.0f} tok/s")
+    ratio = step["backbone"] / step["engram"]
+    off_step = step["backbone"] / (step["engram"] - hashing)
+    print(
+        f"  engram/backbone tokens/s: {ratio:.3f} (hashing in the step), "
+        f"{off_step:.3f} (hashing off the step, as in train's prefetcher)"
+    )
+    rest = iso["engram layer"] - iso["table lookup"]
+    shares = {
+        "hashing (compute_hash_ids)": hashing,
+        "table lookup fwd+bwd": iso["table lookup"],
+        "rest of Engram layer fwd+bwd": rest,
+        "table optimiser (SparseAdam)": table_opt,
+    }
+    shares["everything else"] = step["engram"] - sum(shares.values())
+    print("Engram-model step time by part:")
+    for name, sec in shares.items():
+        print(f"  {name:30s} {sec * 1e3:8.2f} ms  {sec / step['engram']:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""The training loop end to end on real text: exact resume, learning, sparse table updates,
+bad input, evaluation and the CLI.
+
+One small real corpus (15 pydocs pages) is tokenized once per module; one reference run of a
+tiny Engram + MoE model (SparseAdam tables, AdamW, router bias, prefetched batches) is shared
+by the tests that only read it, and copied by those that damage it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engramlm.checkpoint import CheckpointError, checkpoint_dir, load_checkpoint
+from engramlm.cli import load_configs, main
+from engramlm.config import EngramConfig, ModelConfig
+from engramlm.data import PreparedCorpus, TrainBatches, prepare_corpus
+from engramlm.model import EngramLM
+from engramlm.train import (
+    TrainConfig,
+    TrainResult,
+    build_optimizers,
+    evaluate_run,
+    train,
+)
+
+PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
+CORPUS_PAGES = (
+    "json", "functools", "enum", "dataclasses", "contextlib", "shutil", "hashlib", "struct",
+    "signal", "locale", "gettext", "venv", "difflib", "statistics", "select",
+)  # fmt: skip
+HELD_OUT_PAGE = "textwrap"  # a user's text file: not in the corpus
+VOCAB = 512
+STEPS, CKPT_EVERY = 120, 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    folder: Path
+    prepared: PreparedCorpus
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+    """15 real pages, tokenized once; ENGRAMLM_CACHE points at the cache for this module."""
+    missing = [p for p in (*CORPUS_PAGES, HELD_OUT_PAGE) if not page(p).exists()]
+    if missing:
+        pytest.skip(f"python3.11-doc is not installed (no {page(missing[0])}): run `make data`")
+    root = tmp_path_factory.mktemp("train")
+    folder = root / "corpus"
+    folder.mkdir()
+    for name in CORPUS_PAGES:
+        shutil.copy(page(name), folder)
+    cache = root / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGRAMLM_CACHE", str(cache))  # the CLI and subprocesses find the same cache
+        yield Corpus(folder, prepare_corpus(str(folder), vocab_size=VOCAB, cache_dir=cache), root)
+
+
+def page(name: str) -> Path:
+    return PYDOCS_LIBRARY / f"{name}.rst.txt"
+
+
+def model_config() -> ModelConfig:
+    """Engram at layer 1 + MoE in layers 1-2: SparseAdam, AdamW and router biases all train."""
+    return ModelConfig.preset("tiny-engram", max_seq_len=32)
+
+
+def train_config(corpus: Corpus, out_dir: Path, **overrides: object) -> TrainConfig:
+    fields: dict[str, object] = dict(
+        data=str(corpus.folder),
+        vocab_size=VOCAB,
+        seq_len=32,
+        batch_size=4,
+        steps=STEPS,
+        warmup_steps=10,
+        eval_every=0,
+        eval_batches=2,
+        ckpt_every=CKPT_EVERY,
+        keep_checkpoints=2,
+        log_every=1,
+        out_dir=str(out_dir),
+    )
+    return TrainConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference(corpus: Corpus) -> TrainResult:
+    """The uninterrupted run that the other runs are compared with (read-only)."""
+    cfg = train_config(corpus, corpus.root / "reference")
+    return train(model_config(), cfg, corpus=corpus.prepared, progress=False)
+
+
+def losses(run_dir: str | Path) -> list[tuple[int, float]]:
+    rows = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, rows)]
+
+
+def final_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint_dir(run_dir, STEPS) / "model.safetensors")
+
+
+def copy_run(reference: TrainResult, dest: Path) -> Path:
+    shutil.copytree(reference.out_dir, dest)
+    return dest
+
+
+def write_toml(path: Path, model: ModelConfig, cfg: TrainConfig) -> Path:
+    """[model], [model.engram], [train] tables; values are JSON literals, valid TOML here."""
+
+    def table(name: str, d: dict[str, object]) -> str:
+        rows = [f"{k} = {json.dumps(v)}" for k, v in d.items() if v is not None]
+        return f"[{name}]\n" + "\n".join(rows) + "\n"
+
+    m = model.to_dict()
+    engram = m.pop("engram")
+    path.write_text(
+        table("model", m) + table("model.engram", engram) + table("train", cfg.to_dict())
+    )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume
+
+
+def test_resume_after_sigkill_is_bitwise_identical(
+    corpus: Corpus, reference: TrainResult, tmp_path: Path
+) -> None:
+    run = tmp_path / "killed"
+    toml = write_toml(tmp_path / "run.toml", model_config(), train_config(corpus, run))
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engramlm.cli", "train", "--config", str(toml)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
+    # Kill once a checkpoint past the first exists (the data stream has been saved and
+    # prefetched past more than once), well before the end.
+    kill_after = checkpoint_dir(run, 2 * CKPT_EVERY)
+    deadline = time.monotonic() + 60
+    while not kill_after.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    assert kill_after.exists() and not checkpoint_dir(run, STEPS).exists()
+
+    main(["train", "--config", str(toml), "--resume"])
+
+    assert losses(run) == losses(reference.out_dir)
+    got, want = final_weights(run), final_weights(reference.out_dir)
+    assert all(torch.equal(got[k], want[k]) for k in want) and got.keys() == want.keys()
+
+
+def test_resume_falls_back_past_a_corrupt_latest_checkpoint(
+    corpus: Corpus, reference: TrainResult, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = copy_run(reference, tmp_path / "run")
+    flip_a_bit(checkpoint_dir(run, STEPS) / "model.safetensors")
+    with caplog.at_level(logging.INFO, logger="engramlm.train"):
+        result = train(
+            model_config(),
+            train_config(corpus, run),
+            resume=True,
+            corpus=corpus.prepared,
+            progress=False,
+        )
+    previous = checkpoint_dir(run, STEPS - CKPT_EVERY)
+    assert f"resumed from {previous} at step {STEPS - CKPT_EVERY}" in caplog.text
+    # ... and retrained the last steps exactly as the reference did.
+    assert (losses(run), result.val_loss) == (losses(reference.out_dir), reference.val_loss)
+
+
+def test_resume_with_no_good_checkpoint_names_the_corrupt_file(
+    corpus: Corpus, reference: TrainResult, tmp_path: Path
+) -> None:
+    run = copy_run(reference, tmp_path / "run")
+    for step in (STEPS - CKPT_EVERY, STEPS):
+        flip_a_bit(checkpoint_dir(run, step) / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: SHA-256 checksum mismatch"):
+        train(model_config(), train_config(corpus, run), resume=True, corpus=corpus.prepared)
+
+
+def flip_a_bit(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def test_resume_with_a_different_model_config_is_refused_naming_the_key(
+    corpus: Corpus, reference: TrainResult, tmp_path: Path
+) -> None:
+    run = copy_run(reference, tmp_path / "run")
+    saved = (run / "config.json").read_text()
+    wider = dataclasses.replace(model_config(), ffn_hidden_size=200)
+    with pytest.raises(CheckpointError, match=r"ffn_hidden_size: saved 176, current 200"):
+        train(wider, train_config(corpus, run), resume=True, corpus=corpus.prepared)
+    assert (run / "config.json").read_text() == saved  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning and sparse table updates
+
+
+def test_training_lowers_validation_loss_below_uniform_and_first_step(
+    reference: TrainResult,
+) -> None:
+    first_step_loss = reference.history[0]["loss"]  # the initial model on the first batch
+    assert reference.val_loss < min(math.log(VOCAB), first_step_loss) - 0.5
+
+
+def test_one_step_changes_only_addressed_rows_and_their_adam_state(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    cfg = train_config(corpus, tmp_path / "one", steps=1)
+    train(model_config(), cfg, corpus=corpus.prepared, progress=False)
+    saved = ModelConfig.from_dict(json.loads((tmp_path / "one/config.json").read_text())["model"])
+
+    torch.manual_seed(cfg.seed)  # train() seeds before building: the same initial weights
+    before = EngramLM(saved, corpus.prepared.compressed_vocab)
+    batch = next(
+        TrainBatches(
+            corpus.prepared.train,
+            cfg.batch_size,
+            cfg.seq_len,
+            seed=cfg.seed,
+            hash_fn=before.compute_hash_ids,
+        )
+    )
+    layer = saved.engram.layer_ids[0]
+    addressed = before.layers[layer].engram.global_rows(batch.hash_ids[layer]).unique()
+
+    after = EngramLM(saved, corpus.prepared.compressed_vocab)
+    optimizers = build_optimizers(after, cfg)
+    load_checkpoint(tmp_path / "one", model=after, optimizers=optimizers)
+    table_before = before.layers[layer].engram.table.weight
+    table_after = after.layers[layer].engram.table.weight
+    changed = (table_after != table_before).any(dim=1).nonzero().flatten()
+    state = optimizers["tables"].state[table_after]
+    with_state = ((state["exp_avg"] != 0) | (state["exp_avg_sq"] != 0)).any(dim=1)
+    assert torch.equal(changed, addressed)
+    assert torch.equal(with_state.nonzero().flatten(), addressed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_missing_data_path_is_a_file_not_found_naming_it(corpus: Corpus, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-corpus"
+    cfg = dataclasses.replace(train_config(corpus, tmp_path / "run"), data=str(missing))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        train(model_config(), cfg, progress=False)
+
+
+def test_corpus_smaller_than_one_window_is_a_value_error_naming_sizes(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    for name in ("json", "enum"):  # the first 300 bytes of two real pages
+        (small / f"{name}.rst.txt").write_bytes(page(name).read_bytes()[:300])
+    cfg = train_config(corpus, tmp_path / "run", data=str(small), seq_len=256, eval_batches=1)
+    model = dataclasses.replace(model_config(), max_seq_len=256)
+    with pytest.raises(ValueError, match=r"corpus has \d+ tokens, fewer than one window .* 257"):
+        train(model, cfg, progress=False)
+
+
+def test_seq_len_beyond_max_seq_len_is_refused_naming_both(corpus: Corpus, tmp_path: Path) -> None:
+    cfg = train_config(corpus, tmp_path / "run", seq_len=64)
+    with pytest.raises(ValueError, match=r"train\.seq_len=64 exceeds model\.max_seq_len=32"):
+        train(model_config(), cfg, corpus=corpus.prepared, progress=False)
+
+
+def test_engram_layer_beyond_num_layers_is_a_value_error_naming_the_field() -> None:
+    engram = EngramConfig.preset("tiny", layer_ids=(3,))
+    with pytest.raises(ValueError, match=r"engram\.layer_ids\[0\]=3 must be in \[0, 3\)"):
+        ModelConfig.preset("tiny-engram", engram=engram)
+
+
+def test_heads_not_dividing_hidden_is_a_value_error_naming_both() -> None:
+    with pytest.raises(ValueError, match="hidden_size=66 must be divisible by num_heads=4"):
+        ModelConfig.preset("tiny", hidden_size=66, num_heads=4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("steps", 0),
+        ("batch_size", 0),
+        ("warmup_steps", -1),
+        ("val_fraction", 1.0),
+        ("lr", 0.0),
+        ("min_lr_ratio", 1.5),
+        ("dtype", "float16"),
+        ("keep_checkpoints", 0),
+    ],
+)
+def test_invalid_train_config_is_a_value_error_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and the CLI
+
+
+def test_eval_command_prints_a_finite_loss(
+    reference: TrainResult, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["eval", "--run", reference.out_dir, "--max-batches", "4"])
+    printed = re.search(r"loss (\S+) nats", capsys.readouterr().out)
+    assert printed is not None and 0 < float(printed.group(1)) < math.log(VOCAB)
+
+
+def test_evaluate_run_scores_a_users_text_file(reference: TrainResult) -> None:
+    loss, bpb, tokens = evaluate_run(
+        reference.out_dir, data=str(page(HELD_OUT_PAGE)), max_batches=4
+    )
+    assert tokens == 4 * 4 * 32 and math.isfinite(loss) and 0 < bpb < 8
+
+
+def test_cli_overrides_reach_the_configs(corpus: Corpus, tmp_path: Path) -> None:
+    model = model_config()
+    model = dataclasses.replace(model, engram=dataclasses.replace(model.engram, layer_ids=(2,)))
+    toml = write_toml(tmp_path / "run.toml", model, train_config(corpus, tmp_path / "run"))
+    overrides = ["--train.steps=3", "--model.engram.layer_ids=[1]", "--train.lr=1e-3"]
+    model_cfg, train_cfg = load_configs(str(toml), overrides)
+    assert (train_cfg.steps, train_cfg.lr, model_cfg.engram.layer_ids) == (3, 1e-3, (1,))
+
+    main(["train", "--config", str(toml), *overrides])  # and they reach the run
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    assert (saved["train"]["steps"], saved["model"]["engram"]["layer_ids"]) == (3, [1])
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("--train.stepz=3", "stepz"),
+        ("--model.engram.nonsense=1", "nonsense"),
+        ("--steps=3", "steps"),  # a missing section must not be silently ignored
+    ],
+)
+def test_cli_unknown_key_is_an_error_naming_it(
+    corpus: Corpus, tmp_path: Path, override: str, named: str
+) -> None:
+    toml = write_toml(tmp_path / "run.toml", model_config(), train_config(corpus, tmp_path / "r"))
+    with pytest.raises(SystemExit, match=named):
+        load_configs(str(toml), [override])
