@@ -21,9 +21,9 @@ demo: $(VENV)/.installed data
 	$(BIN)/engramlm compare
 
 test: $(VENV)/.installed data
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks recipes
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks recipes
+	$(BIN)/ruff format --check src tests benchmarks recipes

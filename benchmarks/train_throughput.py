@@ -36,7 +36,6 @@ from engramlm.config import EngramConfig, ModelConfig  # noqa: E402
 from engramlm.data import Batch, TrainBatches, prepare_corpus  # noqa: E402
 from engramlm.engram import Engram  # noqa: E402
 from engramlm.model import EngramLM  # noqa: E402
-from engramlm.tables import DeviceTable  # noqa: E402
 from engramlm.tokenization import CompressedVocab  # noqa: E402
 from engramlm.train import TrainConfig, build_optimizers  # noqa: E402
 
@@ -47,9 +46,6 @@ class Trainee:
     def __init__(self, config: ModelConfig, vocab: CompressedVocab, cfg: TrainConfig) -> None:
         torch.manual_seed(cfg.seed)
         self.model = EngramLM(config, vocab if config.engram else None)
-        for module in self.model.modules():
-            if isinstance(module, DeviceTable):
-                module.sparse_grad = True
         self.model.train()
         self.optimizers = build_optimizers(self.model, cfg)
         self.dense = [p for p in self.model.dense_parameters() if p.requires_grad]

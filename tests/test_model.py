@@ -238,12 +238,19 @@ def test_hyper_connections_start_as_plain_residual() -> None:
     torch.testing.assert_close(out, (x + torch.tanh(x)).unsqueeze(2).expand_as(out))
 
 
-def test_engram_init_is_its_own() -> None:
+def test_engram_init_follows_design() -> None:
+    """Table from the backend (TABLE_INIT_STD), W_V as an output projection, conv zero."""
+    from engramlm.tables.base import TABLE_INIT_STD
+
     model = EngramLM(CONFIGS["engram"])
-    for block in model.layers:
-        if block.engram is not None:
-            assert float(block.engram.table.weight.detach().std()) > 0.5  # N(0, 1), not std 0.02
-            assert not block.engram.short_conv.weight.any()
+    out_std = 0.02 / (2 * model.config.num_layers) ** 0.5
+    engrams = [b.engram for b in model.layers if b.engram is not None]
+    assert engrams
+    for engram in engrams:
+        table_std = float(engram.table.weight.detach().std())
+        assert abs(table_std - TABLE_INIT_STD) < 0.1 * TABLE_INIT_STD
+        assert abs(float(engram.value_proj.weight.std()) - out_std) < 0.2 * out_std
+        assert not engram.value_proj.bias.any() and not engram.short_conv.weight.any()
 
 
 def test_model_imports_no_distributed() -> None:

@@ -26,7 +26,7 @@ from engramlm.train import TrainConfig, TrainResult, train
 
 logger = logging.getLogger(__name__)
 
-# The embedded default: sized so the three runs take ~12 minutes on 2 CPU cores.
+# The embedded default: sized so the three runs take ~11 minutes on 2 CPU cores.
 DEFAULT_MOE = ModelConfig(
     vocab_size=8192,
     num_layers=4,
@@ -53,10 +53,10 @@ DEFAULT_RHO = 0.75  # the paper's optimum is rho ~ 0.75-0.8
 DEFAULT_TRAIN = TrainConfig(
     seq_len=128,
     batch_size=16,
-    steps=1200,
-    lr=2e-3,
-    warmup_steps=60,
-    eval_every=200,
+    steps=300,
+    lr=3e-3,
+    warmup_steps=30,
+    eval_every=100,
     eval_batches=40,
     log_every=10,
 )

@@ -433,9 +433,13 @@ class EngramLM(nn.Module):
     def init_weights(self) -> None:
         """Normal(0, 0.02) weights; output projections scaled by 1/sqrt(2 num_layers).
 
-        Engram modules keep their own initialisation (table: the backend's ``reset_parameters``;
-        projections: ``nn.Linear``'s default; conv: zeros), reapplied here so a model built on
-        the meta device and materialised with ``to_empty`` can be initialised with one call.
+        Engram's table keeps the backend's ``reset_parameters`` (N(0, 0.02^2), see
+        ``tables.base``) and its conv starts at zero (the paper's "Engram Conv Zero Init"). Its
+        projections are initialised like the backbone's - keys N(0, 0.02), the value
+        projection, which writes into the residual stream, as an output projection, biases
+        zero - instead of the demo's ``nn.Linear`` default (docs/design.md has the
+        measurements). Everything is reapplied here, so a model built on the meta device and
+        materialised with ``to_empty`` is initialised with one call.
         """
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.num_layers)
         engram_modules = {id(m) for b in self.layers if b.engram for m in b.engram.modules()}
@@ -460,7 +464,12 @@ class EngramLM(nn.Module):
                 if isinstance(mlp, MLP):
                     nn.init.normal_(mlp.down_proj.weight, std=out_std)
             if block.engram is not None:
-                nn.init.zeros_(block.engram.short_conv.weight)  # "Engram Conv Zero Init"
+                engram = block.engram
+                for proj in (*engram.key_projs, engram.value_proj):
+                    nn.init.normal_(proj.weight, std=std)
+                    nn.init.zeros_(proj.bias)
+                nn.init.normal_(engram.value_proj.weight, std=out_std)
+                nn.init.zeros_(engram.short_conv.weight)  # "Engram Conv Zero Init"
         cos, sin = rope_tables(
             self.config.head_dim, self.config.max_seq_len, self.config.rope_theta
         )

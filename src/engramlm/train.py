@@ -135,7 +135,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-    """AdamW for dense parameters (no decay on vectors), SparseAdam for Engram tables."""
+    """AdamW for dense parameters (no decay on vectors), SparseAdam for Engram tables.
+
+    Switches the model's in-memory tables to sparse gradients, which SparseAdam requires: only
+    the addressed rows and their moments are then touched by a step.
+    """
+    for module in model.modules():
+        if isinstance(module, DeviceTable):
+            module.sparse_grad = True
     decay, no_decay = [], []
     for p in model.dense_parameters():
         if p.requires_grad:
@@ -248,9 +255,6 @@ def train(
     torch.manual_seed(cfg.seed)
     vocab = corpus.compressed_vocab if model_cfg.engram else None
     model = EngramLM(model_cfg, vocab).to(device)
-    for module in model.modules():
-        if isinstance(module, DeviceTable):
-            module.sparse_grad = True  # SparseAdam: only addressed rows and their moments move
     optimizers = build_optimizers(model, cfg)
     train_batches = TrainBatches(
         corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, hash_fn=model.compute_hash_ids

@@ -10,6 +10,11 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+# Rows start N(0, 0.02^2), like the backbone's token embedding. The demo's nn.Embedding default
+# is N(0, 1); on pydocs (docs/design.md) unit-variance rows trained markedly worse, because the
+# Adam-sized updates (~lr) then move a row only a little relative to its random start.
+TABLE_INIT_STD = 0.02
+
 
 @runtime_checkable
 class Table(Protocol):

@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engramlm.tables.base import TABLE_INIT_STD
+
 
 class DeviceTable(nn.Module):
     """All heads of one Engram layer in one contiguous [num_rows, dim] parameter.
 
-    Initialised N(0, 1), as the demo's ``nn.Embedding`` default (the paper is silent). With
+    Initialised N(0, ``TABLE_INIT_STD``^2) (the paper is silent; see ``tables.base``). With
     ``sparse_grad=True`` the gradient is a sparse COO tensor holding only the looked-up rows,
     which is what ``torch.optim.SparseAdam`` consumes: only addressed rows and their Adam
     moments are touched in a step.
@@ -27,7 +29,7 @@ class DeviceTable(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight)
+        nn.init.normal_(self.weight, std=TABLE_INIT_STD)
 
     def lookup(self, rows: Tensor) -> Tensor:  # [*] -> [*, dim]
         return F.embedding(rows, self.weight, sparse=self.sparse_grad)

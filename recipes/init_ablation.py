@@ -1,0 +1,64 @@
+"""How Engram's initialisation changes the demo's result (docs/design.md, "initialised like").
+
+Trains the demo's Engram model (``engramlm compare`` defaults) four times, varying only the
+initialisation of the Engram table rows and of W_K/W_V, and prints the validation loss beside
+the MoE baseline's. ~16 minutes on 2 CPU cores.
+
+    .venv/bin/python recipes/init_ablation.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from engramlm.compare import DEFAULT_ENGRAM, DEFAULT_MOE, DEFAULT_RHO, DEFAULT_TRAIN, build_models
+from engramlm.data import prepare_corpus
+from engramlm.model import EngramLM
+from engramlm.tables.device import DeviceTable
+from engramlm.train import train
+
+VARIANTS = {  # name: (table row std, projections as the demo's nn.Linear default)
+    "demo init (rows N(0,1), nn.Linear default W_K/W_V)": (1.0, True),
+    "rows N(0,1), backbone-style W_K/W_V": (1.0, False),
+    "rows N(0,0.1), backbone-style W_K/W_V": (0.1, False),
+    "rows N(0,0.02), backbone-style W_K/W_V (engramlm)": (0.02, False),
+}
+
+
+def main() -> None:
+    corpus = prepare_corpus(DEFAULT_TRAIN.data, vocab_size=DEFAULT_TRAIN.vocab_size)
+    models = build_models(DEFAULT_MOE, DEFAULT_ENGRAM, DEFAULT_RHO, corpus.vocab_size)
+    engram_name = next(name for name in models if name.startswith("Engram"))
+    original_init = EngramLM.init_weights
+    results = {}
+    for name, (row_std, linear_default) in VARIANTS.items():
+
+        def reset_rows(table: DeviceTable, std: float = row_std) -> None:
+            nn.init.normal_(table.weight, std=std)
+
+        def init_weights(model: EngramLM, linear_default: bool = linear_default) -> None:
+            original_init(model)
+            for block in model.layers:
+                if block.engram is not None and linear_default:
+                    for proj in (*block.engram.key_projs, block.engram.value_proj):
+                        proj.reset_parameters()
+
+        DeviceTable.reset_parameters = reset_rows  # type: ignore[method-assign]
+        EngramLM.init_weights = init_weights  # type: ignore[method-assign]
+        cfg = dataclasses.replace(DEFAULT_TRAIN, out_dir=f"runs/init_ablation/{len(results)}")
+        results[name] = train(models[engram_name], cfg, corpus=corpus, progress=False).val_loss
+        print(f"{name}: val loss {results[name]:.4f}", flush=True)
+    EngramLM.init_weights = original_init  # type: ignore[method-assign]
+    moe = train(
+        models["MoE (rho=1)"],
+        dataclasses.replace(DEFAULT_TRAIN, out_dir="runs/init_ablation/moe"),
+        corpus=corpus,
+        progress=False,
+    )
+    print(f"MoE baseline: val loss {moe.val_loss:.4f}")
+
+
+if __name__ == "__main__":
+    main()
