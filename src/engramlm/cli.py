@@ -3,6 +3,7 @@
     engramlm train --config recipes/tiny.toml --train.steps=200 --model.hidden_size=128
     engramlm eval --run runs/train [--data FILE]
     engramlm compare [--steps N] [--out runs/compare]
+    engramlm tables export --run runs/train --out tables/
 
 A config file is TOML with ``[model]`` (``[model.engram]`` nested) and ``[train]`` tables; any
 field can be overridden with a dotted flag. Unknown keys are errors that list the known ones.
@@ -112,6 +113,14 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> None:
     run_compare(out_dir=args.out, steps=args.steps, overrides=overrides)
 
 
+def cmd_tables_export(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Write a trained run's Engram tables as disk tables (one folder per layer)."""
+    from engramlm.train import export_tables
+
+    for path in export_tables(args.run, args.out):
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="engramlm", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -132,6 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("tables", help="convert Engram tables between storage tiers")
+    tables = p.add_subparsers(dest="tables_command", required=True)
+    p = tables.add_parser("export", help=cmd_tables_export.__doc__)
+    p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
+    p.add_argument("--out", required=True, help="a new folder for the disk tables")
+    p.set_defaults(fn=cmd_tables_export)
 
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(

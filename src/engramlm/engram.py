@@ -124,6 +124,10 @@ class Engram(nn.Module):
         """[B, T, H] head-local ids -> [B, T, H] rows of the physical table."""
         return hash_ids + self.offsets
 
+    def prefetch(self, hash_ids: Tensor) -> None:
+        """Hint the table that [B, T, H] head-local ids will be retrieved soon (SPEC §5)."""
+        self.table.prefetch(self.global_rows(hash_ids))
+
     def retrieve(self, hash_ids: Tensor) -> Tensor:
         """e_t: [B, T, H] head-local ids -> [B, T, E], orders then heads concatenated."""
         vectors = self.table.lookup(self.global_rows(hash_ids))  # [B, T, H, E/H]

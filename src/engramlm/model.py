@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from engramlm.config import EngramConfig, ModelConfig
 from engramlm.engram import Engram
 from engramlm.hashing import NgramHasher, check_ids, head_moduli
+from engramlm.tables import Table, TablePlan, build_table
 from engramlm.tokenization import CompressedVocab
 
 # --------------------------------------------------------------------------------------------
@@ -311,14 +312,24 @@ class Block(nn.Module):
     """One decoder layer: [Engram ->] attention -> FFN/MoE, each behind its residual (§2.7)."""
 
     def __init__(
-        self, config: ModelConfig, layer_id: int, engram_moduli: tuple[int, ...] | None = None
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        engram_moduli: tuple[int, ...] | None = None,
+        tables: TablePlan | None = None,
     ) -> None:
         super().__init__()
         D, M = config.hidden_size, config.hc_mult
         self.layer_id = layer_id
         self.engram: Engram | None = None
         if config.engram is not None and engram_moduli is not None:
-            self.engram = Engram(config.engram, D, engram_moduli)
+            table = build_table(
+                tables or TablePlan(),
+                sum(engram_moduli),
+                config.engram.head_dim,
+                name=f"engram_layer{layer_id}",
+            )
+            self.engram = Engram(config.engram, D, engram_moduli, table=table)
         self.attn_norm = nn.RMSNorm(D, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ffn_norm = nn.RMSNorm(D, eps=config.norm_eps)
@@ -363,10 +374,16 @@ class EngramLM(nn.Module):
     ``compressed_vocab`` is the tokenizer compression P: V -> V' (SPEC §2.1); without one the
     lookup is the identity and ``config.compressed_vocab_size`` must be ``None``. Hash ids may
     be precomputed by the data loader with :meth:`compute_hash_ids` (what prefetching needs)
-    or are computed inside ``forward``.
+    or are computed inside ``forward``. ``tables`` places the Engram tables (device, host,
+    disk; SPEC §5); the model only ever calls ``lookup`` and ``prefetch`` on them.
     """
 
-    def __init__(self, config: ModelConfig, compressed_vocab: CompressedVocab | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        compressed_vocab: CompressedVocab | None = None,
+        tables: TablePlan | None = None,
+    ):
         super().__init__()
         self.config = config
         V, D = config.vocab_size, config.hidden_size
@@ -401,7 +418,7 @@ class EngramLM(nn.Module):
 
         self.embed = nn.Embedding(V, D)
         self.layers = nn.ModuleList(
-            Block(config, i, moduli.get(i)) for i in range(config.num_layers)
+            Block(config, i, moduli.get(i), tables) for i in range(config.num_layers)
         )
         self.final_norm = nn.RMSNorm(D, eps=config.norm_eps)
         self.lm_head = nn.Linear(D, V, bias=False)
@@ -484,11 +501,16 @@ class EngramLM(nn.Module):
                     moduli = torch.tensor([0, *hasher.moduli[block.layer_id][:-1]])
                     block.engram.offsets.copy_(moduli.cumsum(0))
 
+    def engram_tables(self) -> list[Table]:
+        """Every Engram layer's table, in layer order."""
+        return [b.engram.table for b in self.layers if b.engram is not None]
+
     def engram_table_parameters(self) -> Iterator[nn.Parameter]:
-        """The Engram tables' parameters (Adam, LR x5, no weight decay; SPEC §3)."""
-        for block in self.layers:
-            if block.engram is not None and isinstance(block.engram.table, nn.Module):
-                yield from block.engram.table.parameters()
+        """The Engram tables' parameters (Adam, LR x5, no weight decay; SPEC §3); tables kept
+        outside autograd (host, disk) have none."""
+        for table in self.engram_tables():
+            if isinstance(table, nn.Module):
+                yield from table.parameters()
 
     def dense_parameters(self) -> Iterator[nn.Parameter]:
         """Every parameter that is not an Engram table row (the backbone optimiser's group)."""
@@ -564,6 +586,11 @@ class EngramLM(nn.Module):
             if cache is not None:
                 cache.hash_prefix = self.hasher.next_prefix(prefix, compressed)
         hash_ids = hash_ids or {}
+        # SPEC §5: every layer's rows are known now; start gathering them all before layer 0,
+        # so layer l's gather overlaps the blocks before it (a no-op for device tables).
+        for block in self.layers:
+            if block.engram is not None:
+                block.engram.prefetch(hash_ids[block.layer_id])
 
         cos = self.rope_cos[offset : offset + T]  # [T, hd/2]
         sin = self.rope_sin[offset : offset + T]

@@ -1,12 +1,14 @@
 """Training: the loop, the two optimisers, the schedule, evaluation and exact resume.
 
 Dense parameters train with AdamW (decoupled weight decay on matrices only). Engram tables
-train with ``torch.optim.SparseAdam`` at ``table_lr_mult`` (5, SPEC §3) times the base learning
-rate and no weight decay: each step touches only the rows the batch addressed and only their
-Adam moments (lazy Adam - rows not addressed keep their moments, which a dense Adam would
-decay). The schedule is linear warmup then cosine to ``min_lr_ratio``. Gradient clipping
-applies to the dense parameters; table rows are not clipped (their gradients are sparse and
-per-row; the paper does not say and clipping them jointly would couple unrelated rows).
+train with lazy Adam at ``table_lr_mult`` (5, SPEC §3) times the base learning rate and no
+weight decay - ``torch.optim.SparseAdam``, or its bitwise twin ``TableAdam`` for tables kept in
+host memory or on disk (``table_storage``, SPEC §5): each step touches only the rows the batch
+addressed and only their Adam moments (lazy Adam - rows not addressed keep their moments,
+which a dense Adam would decay). The schedule is linear warmup then cosine to
+``min_lr_ratio``. Gradient clipping applies to the dense parameters; table rows are not clipped
+(their gradients are sparse and per-row; the paper does not say and clipping them jointly would
+couple unrelated rows).
 
 A run directory holds ``config.json`` (the resolved configs), ``metrics.jsonl`` and
 ``checkpoints/``. ``resume=True`` continues from the last good checkpoint so that the loss curve
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +46,7 @@ from engramlm.data import (
     prepare_corpus,
 )
 from engramlm.model import EngramLM
-from engramlm.tables import DeviceTable
+from engramlm.tables import DeviceTable, OffloadedTable, TableAdam, TablePlan
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     out_dir: str = "runs/train"
+    table_storage: Literal["device", "host", "disk"] = "device"  # SPEC §5; see tables.plan
+    table_cache_mb: int = 256  # disk tier: row cache per table (files: <out_dir>/tables/)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "eval_batches")
@@ -94,6 +99,19 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _ = self.table_plan  # validates table_storage and table_cache_mb
+
+    @property
+    def table_plan(self) -> TablePlan:
+        """Where the Engram tables live; disk tables under ``<out_dir>/tables/``."""
+        try:
+            return TablePlan(
+                kind=self.table_storage,
+                path=str(Path(self.out_dir) / "tables") if self.table_storage == "disk" else None,
+                cache_mb=self.table_cache_mb,
+            )
+        except ValueError as e:
+            raise ValueError(f"table_storage/table_cache_mb: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,8 +152,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-    """AdamW for dense parameters (no decay on vectors), SparseAdam for Engram tables.
+Optimizer = torch.optim.Optimizer | TableAdam
+
+
+def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, Optimizer]:
+    """AdamW for dense parameters (no decay on vectors); lazy Adam for the Engram tables under
+    the key ``"tables"``: SparseAdam for device tables, :class:`TableAdam` (the same
+    arithmetic, SPEC §5) for host and disk tables.
 
     Switches the model's in-memory tables to sparse gradients, which SparseAdam requires: only
     the addressed rows and their moments are then touched by a step.
@@ -147,7 +170,7 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim
     for p in model.dense_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    optimizers: dict[str, torch.optim.Optimizer] = {
+    optimizers: dict[str, Optimizer] = {
         "dense": torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay},
@@ -159,15 +182,22 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim
             foreach=False,  # same arithmetic whatever the grouping: exact resume
         )
     }
+    lr, betas, eps = cfg.lr * cfg.table_lr_mult, (0.9, 0.95), 1e-8
+    offloaded = [t for t in model.engram_tables() if isinstance(t, OffloadedTable)]
     tables = [p for p in model.engram_table_parameters() if p.requires_grad]
-    if tables:
-        optimizers["tables"] = torch.optim.SparseAdam(
-            tables, lr=cfg.lr * cfg.table_lr_mult, betas=(0.9, 0.95), eps=1e-8
+    if offloaded and tables:
+        raise ValueError(
+            f"{len(offloaded)} offloaded and {len(tables)} in-memory Engram tables: one "
+            "'tables' optimiser needs one kind; build the model from a single TablePlan"
         )
+    if offloaded:
+        optimizers["tables"] = TableAdam(offloaded, lr=lr, betas=betas, eps=eps)
+    elif tables:
+        optimizers["tables"] = torch.optim.SparseAdam(tables, lr=lr, betas=betas, eps=eps)
     return optimizers
 
 
-def set_lr(optimizers: dict[str, torch.optim.Optimizer], lr: float, cfg: TrainConfig) -> None:
+def set_lr(optimizers: dict[str, Optimizer], lr: float, cfg: TrainConfig) -> None:
     for name, opt in optimizers.items():
         for group in opt.param_groups:
             group["lr"] = lr * (cfg.table_lr_mult if name == "tables" else 1.0)
@@ -252,9 +282,19 @@ def train(
         "tokenizer_fingerprint": corpus.compressed_vocab.fingerprint,
     }
 
+    if resume and cfg.table_storage == "disk" and model_cfg.engram is not None:
+        # The table files hold the rows of the last step written, not of the checkpoint.
+        raise ValueError(
+            "resume with table_storage='disk' is not supported yet: disk tables are not "
+            "part of checkpoints; use 'host' or 'device' to resume exactly"
+        )
+    tables_dir = cfg.table_plan.path
+    if tables_dir is not None and not resume and Path(tables_dir).exists():
+        logger.warning("starting from scratch: removing the old disk tables in %s", tables_dir)
+        shutil.rmtree(tables_dir)
     torch.manual_seed(cfg.seed)
     vocab = corpus.compressed_vocab if model_cfg.engram else None
-    model = EngramLM(model_cfg, vocab).to(device)
+    model = EngramLM(model_cfg, vocab, tables=cfg.table_plan).to(device)
     optimizers = build_optimizers(model, cfg)
     train_batches = TrainBatches(
         corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, hash_fn=model.compute_hash_ids
@@ -398,8 +438,14 @@ def _bind_vocab(model_cfg: ModelConfig, corpus: PreparedCorpus) -> ModelConfig:
     )
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[EngramLM, Any]:
-    """The trained model and tokenizer of a run directory, from its last good checkpoint."""
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", tables: TablePlan | None = None
+) -> tuple[EngramLM, Any]:
+    """The trained model and tokenizer of a run directory, from its last good checkpoint.
+
+    ``tables`` places the Engram tables (default: on ``device``), whatever tier the run
+    trained them on: a checkpoint's table weights do not depend on the backend.
+    """
     from tokenizers import Tokenizer
 
     from engramlm.tokenization import CompressedVocab
@@ -413,11 +459,38 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[E
     vocab = CompressedVocab.load(run / "compressed_vocab.json")
     vocab.check_tokenizer(tokenizer)
     model_cfg = ModelConfig.from_dict(configs["model"])
-    model = EngramLM(model_cfg, vocab if model_cfg.engram else None).to(device)
+    model = EngramLM(model_cfg, vocab if model_cfg.engram else None, tables=tables).to(device)
     # The newest checkpoint that verifies; FileNotFoundError when there is none.
     load_checkpoint(run, model=model, optimizers={}, map_location=device, restore_rng=False)
     model.eval()
     return model, tokenizer
+
+
+def export_tables(run_dir: str | Path, out: str | Path) -> list[Path]:
+    """Write a run's Engram tables (its last good checkpoint) as disk tables under ``out``.
+
+    One folder per Engram layer, ``out/engram_layer<i>``, readable with
+    ``engramlm.tables.disk.disk_table(path, ..., create=False)`` to serve the model's tables
+    from disk (SPEC §5). The tables are written row chunk by row chunk as the checkpoint
+    loads; optimiser moments are not exported.
+    """
+    from engramlm.tables.disk import DiskStore
+
+    plan = TablePlan("disk", path=str(out))
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise FileExistsError(f"{out} is not empty; export into a new folder")
+    model, _ = load_run(run_dir, tables=plan)
+    paths = []
+    for block in model.layers:
+        if block.engram is not None:
+            table = block.engram.table
+            assert isinstance(table, OffloadedTable)  # the plan asked for disk tables
+            for store in table.stores:
+                assert isinstance(store, DiskStore)
+                store.close()  # flushes and records the file checksum
+            paths.append(Path(out) / f"engram_layer{block.layer_id}")
+    logger.info("exported %d tables from %s to %s", len(paths), run_dir, out)
+    return paths
 
 
 def evaluate_run(

@@ -1,0 +1,723 @@
+"""Tables larger than memory: rows in a file, a frequency-aware hot-row cache in RAM (SPEC §5).
+
+N-gram traffic is Zipfian (SPEC §5, paper §6.4): a small set of rows takes most lookups, so a
+RAM cache of hot rows in front of an NVMe file serves most reads from memory. A
+:class:`DiskStore` is a :class:`~engramlm.tables.offload.RowStore`; three of them (weights and
+the two Adam moments) make an :class:`~engramlm.tables.offload.OffloadedTable`
+(:func:`disk_table`).
+
+File format (one table, one file; all integers little-endian)::
+
+    offset  size  field
+    0       8     magic b"ENGRAMTB"
+    8       4     format version (1)
+    12      4     dtype code: 1 float32, 2 bfloat16, 3 float16 (reads/writes are float32)
+    16      8     num_rows
+    24      8     dim
+    32      8     data offset (4096: page aligned, so the data can be memory-mapped)
+    40      4     data checksum: CRC32 of the CRC32s of the data's 64 MiB chunks
+    44      4     data checksum state: 0 none (written since), 1 valid
+    48      4     CRC32 of bytes 0..48 (the header checksum)
+    ...           zero padding to the data offset
+    4096          num_rows * dim rows, row-major, in the storage dtype
+
+Data checksum trade-off: one checksum over all the data, computed (64 MiB at a time; holes of
+the sparse file are not read) only at :meth:`DiskStore.close` when something was written, and
+checked only by :meth:`DiskStore.verify` / ``open(verify=True)``: seconds per GB written.
+Keeping a checksum current on every write-back would mean re-reading whole blocks around each
+randomly scattered row (a Zipfian batch touches ~one row per block), multiplying disk traffic;
+instead the first write after opening marks the checksum stale (durably, before any data moves),
+so a file that was not closed cleanly says "no checksum" rather than a wrong one. Crash safety
+comes from the journal, not the checksum.
+
+Crash consistency: dirty rows reach the file in write-back batches. Each batch is appended to
+a write-ahead journal ``<path>.journal`` (one record: row ids + values, with its length and a
+CRC32) and fsync'd, and only then written in place. The in-place writes are not synced per batch:
+the journal already makes them durable, and one ``msync`` of scattered rows per batch cost ~0.1 s
+(measured, 7k rows). At a checkpoint - :meth:`DiskStore.flush`, or when the journal passes
+256 MiB - the data is synced and the journal truncated. Opening a file replays the complete
+records in order (idempotent: they hold final values) and discards an incomplete or corrupt
+trailing one, so after a crash every row of a batch is either all-old (its record never became
+durable) or all-new.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engramlm.tables.offload import OffloadedTable
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"ENGRAMTB"
+FORMAT_VERSION = 1
+DATA_OFFSET = 4096
+_HEADER = struct.Struct("<8sIIQQQII")  # magic, version, dtype, rows, dim, offset, crc, state
+_HEADER_CRC = struct.Struct("<I")
+# dtype code -> (torch dtype, numpy storage dtype). bfloat16 has no numpy dtype: its bits are
+# stored as uint16 and reinterpreted by torch.
+_DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
+    1: (torch.float32, np.dtype("<f4")),
+    2: (torch.bfloat16, np.dtype("<u2")),
+    3: (torch.float16, np.dtype("<f2")),
+}
+_CODES = {torch_dtype: code for code, (torch_dtype, _) in _DTYPES.items()}
+_CRC_NONE, _CRC_VALID = 0, 1
+_CRC_CHUNK = 64 << 20
+
+_RECORD = struct.Struct("<8sQQII")  # magic, n rows, payload bytes, payload crc, record-header crc
+_RECORD_MAGIC = b"ENGJRNL1"
+
+# Cache bookkeeping per cached row besides its float32 values: slot row id, sorted index key and
+# slot (8 + 8 + 8), last-use tick (8), dirty flag and frequency (1 + 1), sketch share (<= 32).
+_ROW_OVERHEAD_BYTES = 72
+# Above this many cached rows, victims are chosen from a random sample (as Redis' approximate
+# LFU does) instead of a full partition, so eviction cost does not grow with the cache.
+_VICTIM_SAMPLE = 1 << 16
+
+# In-place writes go in chunks so that a test can kill a write-back half-way (``_fault_hook``).
+_IN_PLACE_CHUNK_BYTES = 64 << 20
+_JOURNAL_CHECKPOINT_BYTES = 256 << 20
+
+
+def _fault_hook(stage: str) -> None:
+    """Called after the journal is durable ("journaled") and after each in-place chunk
+    ("in_place"); does nothing. Crash tests replace it with one that kills the process."""
+
+
+class TableFileError(ValueError):
+    """A table file (or its journal) that cannot be trusted; the message names file and problem."""
+
+
+def _header_bytes(dtype_code: int, num_rows: int, dim: int, data_crc: int, crc_state: int) -> bytes:
+    fields = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, dtype_code, num_rows, dim, DATA_OFFSET, data_crc, crc_state
+    )
+    return fields + _HEADER_CRC.pack(zlib.crc32(fields))
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+@functools.cache
+def _zeros_crc(size: int) -> int:
+    return zlib.crc32(bytes(size))
+
+
+def _is_hole(fd: int, offset: int, size: int) -> bool:
+    """Whether [offset, offset + size) of the file holds no data (reads as zeros)."""
+    if not hasattr(os, "SEEK_DATA"):
+        return False
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + size
+    except OSError:  # ENXIO: no data at or after offset
+        return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FrequencySketch:
+    """TinyLFU's popularity estimate: a count-min sketch with periodic halving.
+
+    Four rows of 4 * capacity (rounded up to a power of two) counters - wide enough that a cold
+    row rarely collides with hot ones in all four - capped at 15 (Caffeine's 4-bit counters),
+    incremented with the
+    conservative update (only the minimal counters grow, which tightens the over-estimate).
+    After ``10 * capacity`` increments every counter is halved, so popularity decays and rows
+    that were hot long ago lose to rows that are hot now. Vectorised over batches of ids.
+    """
+
+    DEPTH = 4
+    CAP = 15
+
+    def __init__(self, capacity: int) -> None:
+        width = 1 << max(6, int(4 * max(capacity, 1) - 1).bit_length())
+        self.mask = np.uint64(width - 1)
+        self.counts = np.zeros((self.DEPTH, width), dtype=np.uint8)
+        self.seeds = np.array(
+            [0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93],
+            dtype=np.uint64,
+        )[:, None]
+        self.sample_size = 10 * max(capacity, 1)
+        self.additions = 0
+
+    def _index(self, rows: np.ndarray) -> np.ndarray:  # [n] int64 -> [DEPTH, n]
+        x = rows.astype(np.uint64)[None, :] + self.seeds  # splitmix64 finaliser per depth
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return ((x ^ (x >> np.uint64(31))) & self.mask).astype(np.intp)
+
+    def increment(self, rows: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Count one use of each id; -> ([n] uint8 estimates after counting, whether it aged)."""
+        index = self._index(rows)
+        depth = np.arange(self.DEPTH)[:, None]
+        current = self.counts[depth, index]  # [DEPTH, n]
+        low = current.min(axis=0)
+        grown = np.where(current == low, np.minimum(current + 1, self.CAP), current)
+        self.counts[depth, index] = grown.astype(np.uint8)
+        estimate = np.minimum(low + 1, self.CAP).astype(np.uint8)
+        self.additions += len(rows)
+        if self.additions < self.sample_size:
+            return estimate, False
+        self.counts >>= 1
+        self.additions //= 2
+        return estimate >> 1, True
+
+
+class DiskStore:
+    """A file-backed :class:`~engramlm.tables.offload.RowStore` with a hot-row RAM cache.
+
+    Cache policy (for Zipfian n-gram traffic): *admission* by TinyLFU - a missed row enters a
+    full cache only if the :class:`FrequencySketch` says it is used more often than the row it
+    would evict, so one-off rows of the long tail do not flush the hot head out (plain LRU's
+    failure on Zipfian scans). *Eviction* picks the least-frequently used row, ties broken by
+    least-recent use; frequencies age through the sketch's halving, which gives LFU its missing
+    recency. Batches are handled with numpy: a sorted array of cached ids answers lookups with
+    ``searchsorted``, misses are read with fancy indexing on the memory map, and victims are
+    chosen with ``argpartition`` (over a random sample once the cache is large).
+
+    The cache is write-back: writes land in the cache (dirty) and reach the file, through the
+    journal, when their row is evicted, when the write is not admitted, or at :meth:`flush`.
+    Reads always return what was last written (rounded to the storage dtype: with a bfloat16
+    file, ``write`` rounds at once so cached and on-disk copies agree). Thread-safe: the
+    offloaded table prefetches on a worker thread while the optimiser writes.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, cache_bytes: int = 256 << 20) -> None:
+        """Open an existing table file (replaying its journal); see :meth:`open`, :meth:`create`."""
+        path = Path(path)
+        self.path = path
+        self.journal_path = path.with_name(path.name + ".journal")
+        self._fd = os.open(path, os.O_RDWR)
+        try:
+            try:  # one writer per file: a second would replay and truncate the first's journal
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TableFileError(f"{path}: already open in another DiskStore") from None
+            self._read_header()
+            self._check_size()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._mm = np.memmap(
+            path, dtype=self._np_dtype, mode="r+", offset=DATA_OFFSET, shape=self._shape
+        )
+        self._lock = threading.Lock()
+        self._written = False  # since open: the data checksum is stale once this is set
+        self._closed = False
+        self._journal_bytes = 0
+        existed = self.journal_path.exists()
+        self._jfd = os.open(self.journal_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not existed:
+            _fsync_dir(self.journal_path)
+        self._replay_journal()
+
+        self.capacity = max(0, cache_bytes) // (4 * self.dim + _ROW_OVERHEAD_BYTES)
+        self._slot_row = np.full(self.capacity, -1, dtype=np.int64)
+        self._slot_data = np.zeros((self.capacity, self.dim), dtype=np.float32)
+        self._slot_dirty = np.zeros(self.capacity, dtype=bool)
+        self._slot_freq = np.zeros(self.capacity, dtype=np.uint8)
+        self._slot_tick = np.zeros(self.capacity, dtype=np.int64)
+        self._used = 0  # slots [0, used) hold rows; a slot is only freed to be refilled at once
+        self._keys = np.empty(0, dtype=np.int64)  # cached row ids, sorted
+        self._key_slots = np.empty(0, dtype=np.int64)  # their slots
+        self._sketch = FrequencySketch(self.capacity)
+        self._rng = np.random.default_rng(0)
+        self._tick = 0
+        self._stats = {"hits": 0, "misses": 0, "evictions": 0, "writebacks": 0}
+
+    # --- files -------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        num_rows: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        cache_bytes: int = 256 << 20,
+    ) -> DiskStore:
+        """Create a zero-filled table file and open it; refuses to overwrite an existing file.
+
+        The data region is made by ``truncate``, so the file is sparse: creating a 20 GB table
+        allocates nothing and takes milliseconds; blocks appear as rows are written.
+        """
+        if num_rows < 1 or dim < 1:
+            raise ValueError(f"table shape must be positive, got num_rows={num_rows}, dim={dim}")
+        if dtype not in _CODES:
+            raise ValueError(f"dtype must be one of {sorted(map(str, _CODES))}, got {dtype}")
+        path = Path(path)
+        code = _CODES[dtype]
+        size = DATA_OFFSET + num_rows * dim * _DTYPES[code][1].itemsize
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, _header_bytes(code, num_rows, dim, 0, _CRC_NONE), 0)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(path)
+        log.info("created %s: [%d, %d] %s, %.2f GB sparse", path, num_rows, dim, dtype, size / 1e9)
+        return cls(path, cache_bytes=cache_bytes)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str], *, cache_bytes: int = 256 << 20, verify: bool = False
+    ) -> DiskStore:
+        """Open a table file, replaying its journal; ``verify`` also checks the data checksum."""
+        store = cls(path, cache_bytes=cache_bytes)
+        if verify:
+            try:
+                store.verify()
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    def _read_header(self) -> None:
+        raw = os.pread(self._fd, _HEADER.size + _HEADER_CRC.size, 0)
+        if len(raw) < _HEADER.size + _HEADER_CRC.size:
+            raise TableFileError(f"{self.path}: truncated: {len(raw)} bytes, shorter than a header")
+        fields = raw[: _HEADER.size]
+        magic, version, code, num_rows, dim, offset, crc, state = _HEADER.unpack(fields)
+        if magic != MAGIC:
+            raise TableFileError(f"{self.path}: not an engramlm table (magic {magic!r})")
+        if version != FORMAT_VERSION:
+            raise TableFileError(
+                f"{self.path}: format version {version}, this engramlm reads {FORMAT_VERSION}"
+            )
+        (stored,) = _HEADER_CRC.unpack(raw[_HEADER.size :])
+        if zlib.crc32(fields) != stored:
+            raise TableFileError(f"{self.path}: header checksum mismatch (corrupt header)")
+        if code not in _DTYPES or offset != DATA_OFFSET or num_rows < 1 or dim < 1:
+            raise TableFileError(
+                f"{self.path}: bad header (dtype code {code}, offset {offset}, "
+                f"shape [{num_rows}, {dim}])"
+            )
+        self.num_rows, self.dim = int(num_rows), int(dim)
+        self._code = code
+        self.dtype, self._np_dtype = _DTYPES[code]
+        self._shape = (self.num_rows, self.dim)
+        self._data_crc, self._crc_state = crc, state
+
+    def _check_size(self) -> None:
+        expected = DATA_OFFSET + self.num_rows * self.dim * self._np_dtype.itemsize
+        actual = os.fstat(self._fd).st_size
+        if actual != expected:
+            raise TableFileError(
+                f"{self.path}: file is {actual} bytes but its header implies {expected} "
+                f"([{self.num_rows}, {self.dim}] {self.dtype}); truncated or not a table"
+            )
+
+    def _write_header(self) -> None:
+        header = _header_bytes(self._code, self.num_rows, self.dim, self._data_crc, self._crc_state)
+        _write_all(self._fd, header, 0)
+        os.fsync(self._fd)
+
+    def _data_checksum(self) -> int:
+        """CRC32 over the CRC32s of the data's 64 MiB chunks (a hash list).
+
+        Chunk by chunk so memory stays bounded; a chunk that is entirely a hole of the sparse
+        file (``SEEK_DATA`` skips past it) is zeros and its CRC is computed once, not read -
+        closing a mostly-unwritten 20 GB table costs milliseconds, not a 20 GB read.
+        """
+        chunk_crcs, offset, end = [], DATA_OFFSET, os.fstat(self._fd).st_size
+        start = time.perf_counter()
+        while offset < end:
+            size = min(_CRC_CHUNK, end - offset)
+            if _is_hole(self._fd, offset, size):
+                chunk_crcs.append(_zeros_crc(size))
+            else:
+                chunk_crcs.append(zlib.crc32(os.pread(self._fd, size, offset)))
+            offset += size
+        crc = zlib.crc32(np.array(chunk_crcs, dtype="<u4").tobytes())
+        elapsed = time.perf_counter() - start
+        log.debug("%s: checksum of %.2f GB in %.1fs", self.path, end / 1e9, elapsed)
+        return crc
+
+    def verify(self) -> bool:
+        """Check the data against the checksum stored at the last clean close.
+
+        -> True when it matches; False (with a warning) when the file has no valid checksum -
+        written since, or never closed after creation. A mismatch raises :class:`TableFileError`.
+        Reads the whole file (chunked): seconds per GB.
+        """
+        with self._lock:
+            self._check_open()
+            if self._written or self._crc_state != _CRC_VALID:
+                log.warning("%s: no valid data checksum recorded; nothing verified", self.path)
+                return False
+            actual = self._data_checksum()
+        if actual != self._data_crc:
+            raise TableFileError(
+                f"{self.path}: data checksum mismatch (stored {self._data_crc:#010x}, "
+                f"computed {actual:#010x}); the rows are corrupt"
+            )
+        return True
+
+    def _begin_writes(self) -> None:
+        """Durably mark the data checksum stale before the first byte of data changes."""
+        if not self._written:
+            self._written = True
+            self._crc_state = _CRC_NONE
+            self._write_header()
+
+    # --- journal -----------------------------------------------------------------------------
+    def _replay_journal(self) -> None:
+        size = os.fstat(self._jfd).st_size
+        if size == 0:
+            return
+        raw = os.pread(self._jfd, size, 0)
+        offset, replayed = 0, 0
+        while offset < len(raw):
+            record = self._parse_record(raw, offset)
+            if record is None:
+                log.warning(
+                    "%s: discarding %d bytes of incomplete or corrupt journal",
+                    self.journal_path,
+                    len(raw) - offset,
+                )
+                break
+            rows, values, offset = record
+            self._begin_writes()
+            self._mm[rows] = values
+            replayed += len(rows)
+        if replayed:
+            log.info("%s: replayed %d rows from the journal", self.path, replayed)
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Sync the data, then empty the journal: the file alone now holds every write-back."""
+        self._mm.flush()
+        os.ftruncate(self._jfd, 0)
+        os.fsync(self._jfd)
+        self._journal_bytes = 0
+
+    def _parse_record(self, raw: bytes, offset: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+        if len(raw) - offset < _RECORD.size:
+            return None
+        head = raw[offset : offset + _RECORD.size]
+        magic, n, length, payload_crc, head_crc = _RECORD.unpack(head)
+        if magic != _RECORD_MAGIC or zlib.crc32(head[:-4]) != head_crc:
+            return None
+        start = offset + _RECORD.size
+        row_bytes = self.dim * self._np_dtype.itemsize
+        if length != n * (8 + row_bytes) or len(raw) - start < length:
+            return None
+        payload = raw[start : start + length]
+        if zlib.crc32(payload) != payload_crc:
+            return None
+        rows = np.frombuffer(payload, dtype="<i8", count=n)
+        if n and (rows.min() < 0 or rows.max() >= self.num_rows):
+            return None
+        values = np.frombuffer(payload, dtype=self._np_dtype, offset=8 * n).reshape(n, self.dim)
+        return rows, values, start + length
+
+    def _write_back(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Journal, then write in place: [n] distinct ids, [n, dim] float32 (already rounded)."""
+        if len(rows) == 0:
+            return
+        order = np.argsort(rows, kind="stable")
+        rows = np.ascontiguousarray(rows[order], dtype="<i8")
+        stored = self._to_storage(values[order])
+        payload = rows.tobytes() + stored.tobytes()
+        head = struct.pack("<8sQQI", _RECORD_MAGIC, len(rows), len(payload), zlib.crc32(payload))
+        self._begin_writes()
+        record = head + struct.pack("<I", zlib.crc32(head)) + payload
+        _write_all(self._jfd, record, self._journal_bytes)
+        os.fsync(self._jfd)
+        self._journal_bytes += len(record)
+        _fault_hook("journaled")
+        chunk = max(1, _IN_PLACE_CHUNK_BYTES // (self.dim * self._np_dtype.itemsize))
+        for start in range(0, len(rows), chunk):
+            self._mm[rows[start : start + chunk]] = stored[start : start + chunk]
+            _fault_hook("in_place")
+        self._stats["writebacks"] += len(rows)
+        if self._journal_bytes > _JOURNAL_CHECKPOINT_BYTES:
+            self._checkpoint()
+
+    # --- dtype conversion --------------------------------------------------------------------
+    def _to_storage(self, values: np.ndarray) -> np.ndarray:  # [n, dim] float32 -> storage
+        if self.dtype == torch.float32:
+            return np.ascontiguousarray(values, dtype="<f4")
+        converted = torch.from_numpy(np.ascontiguousarray(values)).to(self.dtype)
+        if self.dtype == torch.bfloat16:
+            return converted.view(torch.int16).numpy().view("<u2")
+        return converted.numpy().astype("<f2")
+
+    def _from_storage(self, stored: np.ndarray) -> np.ndarray:  # storage -> [n, dim] float32
+        if self.dtype == torch.bfloat16:
+            bits = torch.from_numpy(np.ascontiguousarray(stored).view(np.int16))
+            return bits.view(torch.bfloat16).float().numpy()
+        return np.asarray(stored, dtype=np.float32)
+
+    def _round(self, values: np.ndarray) -> np.ndarray:
+        if self.dtype == torch.float32:
+            return values
+        return self._from_storage(self._to_storage(values))
+
+    # --- the RowStore interface --------------------------------------------------------------
+    def _check_rows(self, rows: Tensor) -> np.ndarray:
+        r = rows.detach().reshape(-1).to("cpu", torch.int64).numpy()
+        if r.size and (r.min() < 0 or r.max() >= self.num_rows):
+            raise IndexError(f"{self.path}: row out of range [0, {self.num_rows})")
+        return r
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self.path}: store is closed")
+
+    def read(self, rows: Tensor) -> Tensor:  # [n] -> [n, dim]
+        r = self._check_rows(rows)
+        with self._lock:
+            self._check_open()
+            self._tick += 1
+            freq = self._touch(r)
+            slots = self._find(r)
+            hit = slots >= 0
+            hit_slots = slots[hit]
+            out = np.empty((len(r), self.dim), dtype=np.float32)
+            out[hit] = self._slot_data[hit_slots]
+            self._slot_freq[hit_slots] = freq[hit]
+            self._slot_tick[hit_slots] = self._tick
+            miss = np.flatnonzero(~hit)
+            self._stats["hits"] += len(hit_slots)
+            self._stats["misses"] += len(miss)
+            if len(miss):
+                missed, first, inverse = np.unique(r[miss], return_index=True, return_inverse=True)
+                values = self._from_storage(self._mm[missed])
+                out[miss] = values[inverse]
+                self._install(missed, values, freq[miss][first], hit_slots, dirty=False)
+        return torch.from_numpy(out)
+
+    def write(self, rows: Tensor, values: Tensor) -> None:
+        """Store [n, dim] ``values`` at [n] distinct ids (in the cache; durable at flush)."""
+        r = self._check_rows(rows)
+        v = values.detach().to("cpu", torch.float32).reshape(-1, self.dim).numpy()
+        if v.shape[0] != len(r):
+            raise ValueError(f"{len(r)} row ids but values of shape {tuple(values.shape)}")
+        v = self._round(v)
+        with self._lock:
+            self._check_open()
+            self._tick += 1
+            freq = self._touch(r)
+            slots = self._find(r)
+            hit = slots >= 0
+            hit_slots = slots[hit]
+            self._slot_data[hit_slots] = v[hit]
+            self._slot_dirty[hit_slots] = True
+            self._slot_freq[hit_slots] = freq[hit]
+            self._slot_tick[hit_slots] = self._tick
+            miss = np.flatnonzero(~hit)
+            if len(miss):
+                missed, first = np.unique(r[miss], return_index=True)
+                if len(missed) != len(miss):
+                    raise ValueError(f"{self.path}: write needs distinct row ids")
+                index = miss[first]
+                self._install(missed, v[index], freq[index], hit_slots, dirty=True)
+
+    def flush(self) -> None:
+        """Write every dirty cached row back (one journaled batch), then checkpoint."""
+        with self._lock:
+            self._check_open()
+            dirty = np.flatnonzero(self._slot_dirty[: self._used])
+            self._write_back(self._slot_row[dirty], self._slot_data[dirty])
+            self._slot_dirty[dirty] = False
+            self._checkpoint()
+
+    def close(self) -> None:
+        """Flush, record the data checksum if anything was written, release the file."""
+        if self._closed:
+            return
+        self.flush()
+        with self._lock:
+            if self._written:
+                self._data_crc, self._crc_state = self._data_checksum(), _CRC_VALID
+                self._write_header()
+            self._closed = True
+            del self._mm  # the last reference: unmaps now
+            os.close(self._fd)
+            os.close(self._jfd)
+
+    def __enter__(self) -> DiskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, float]:
+        """Read hits and misses, rows evicted and written to the file, bytes of cached rows."""
+        with self._lock:
+            out: dict[str, float] = dict(self._stats)
+            lookups = out["hits"] + out["misses"]
+            out["hit_rate"] = out["hits"] / lookups if lookups else 0.0
+            out["bytes_cached"] = self._used * self.dim * 4
+        return out
+
+    # --- the cache ---------------------------------------------------------------------------
+    def _touch(self, rows: np.ndarray) -> np.ndarray:
+        freq, aged = self._sketch.increment(rows)
+        if aged:
+            self._slot_freq >>= 1
+        return freq
+
+    def _find(self, rows: np.ndarray) -> np.ndarray:  # [n] ids -> [n] slots, -1 when not cached
+        if len(self._keys) == 0:
+            return np.full(len(rows), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._keys, rows), len(self._keys) - 1)
+        return np.where(self._keys[pos] == rows, self._key_slots[pos], -1)
+
+    def _install(
+        self,
+        rows: np.ndarray,
+        values: np.ndarray,
+        freq: np.ndarray,
+        protected: np.ndarray,
+        *,
+        dirty: bool,
+    ) -> None:
+        """Offer sorted distinct uncached rows to the cache; write back what must reach the file.
+
+        Rows not admitted are written through when ``dirty``; evicted dirty rows are written back.
+        Both go to the file in one journaled batch.
+        """
+        admitted, slots, evicted = self._admit(freq, protected)
+        dirty_evicted = evicted[self._slot_dirty[evicted]]
+        back_rows = [self._slot_row[dirty_evicted]]
+        back_values = [self._slot_data[dirty_evicted]]  # fancy indexing copies before refill
+        if dirty:
+            rejected = np.ones(len(rows), dtype=bool)
+            rejected[admitted] = False
+            back_rows.append(rows[rejected])
+            back_values.append(values[rejected])
+        self._index_update(self._slot_row[evicted], rows[admitted], slots)
+        self._slot_row[slots] = rows[admitted]
+        self._slot_data[slots] = values[admitted]
+        self._slot_dirty[slots] = dirty
+        self._slot_freq[slots] = freq[admitted]
+        self._slot_tick[slots] = self._tick
+        self._stats["evictions"] += len(evicted)
+        self._write_back(np.concatenate(back_rows), np.concatenate(back_values))
+
+    def _admit(self, freq: np.ndarray, protected: np.ndarray) -> tuple[np.ndarray, ...]:
+        """TinyLFU duel: -> (admitted candidate indices, their slots, slots whose row is evicted).
+
+        Free slots take the most frequent candidates; each remaining candidate, hottest first,
+        is paired with a victim, coldest first, and wins only if strictly more frequent. Both
+        orders are monotone, so the winners are a prefix. ``protected`` slots (used by this
+        call) and slots filled by it are never victims.
+        """
+        none = np.empty(0, dtype=np.int64)
+        if self.capacity == 0 or len(freq) == 0:
+            return none, none, none
+        order = np.argsort(-freq.astype(np.int16), kind="stable")
+        filled = self._used
+        n_fill = min(self.capacity - filled, len(freq))
+        fill_slots = np.arange(filled, filled + n_fill)
+        self._used += n_fill
+        rest = order[n_fill:]
+        if len(rest) == 0:
+            return order[:n_fill], fill_slots, none
+        victims = self._victims(len(rest), filled, protected)
+        rest = rest[: len(victims)]
+        wins = freq[rest] > self._slot_freq[victims]
+        n_win = len(wins) if wins.all() else int(np.argmin(wins))
+        victims = victims[:n_win]
+        admitted = np.concatenate([order[:n_fill], rest[:n_win]])
+        return admitted, np.concatenate([fill_slots, victims]), victims
+
+    def _victims(self, k: int, limit: int, protected: np.ndarray) -> np.ndarray:
+        """Up to ``k`` evictable slots in [0, limit), least frequent (then least recent) first."""
+        if limit > _VICTIM_SAMPLE and k <= _VICTIM_SAMPLE // 4:
+            pool = np.unique(self._rng.integers(0, limit, size=_VICTIM_SAMPLE))
+            pool = pool[~np.isin(pool, protected)]
+            if len(pool) < k:
+                pool = np.setdiff1d(np.arange(limit), protected)
+        else:
+            pool = np.setdiff1d(np.arange(limit), protected)
+        score = self._slot_freq[pool] + self._slot_tick[pool] / (self._tick + 1.0)
+        if k < len(pool):
+            pick = np.argpartition(score, k - 1)[:k]
+            pool, score = pool[pick], score[pick]
+        return pool[np.argsort(score, kind="stable")]
+
+    def _index_update(self, removed: np.ndarray, added: np.ndarray, slots: np.ndarray) -> None:
+        """Keep ``_keys`` (sorted cached ids) and ``_key_slots`` in step: O(cache) array moves."""
+        keys, key_slots = self._keys, self._key_slots
+        if len(removed):
+            keep = np.ones(len(keys), dtype=bool)
+            keep[np.searchsorted(keys, removed)] = False
+            keys, key_slots = keys[keep], key_slots[keep]
+        if len(added):
+            order = np.argsort(added, kind="stable")
+            added, slots = added[order], slots[order]
+            at = np.searchsorted(keys, added)
+            keys, key_slots = np.insert(keys, at, added), np.insert(key_slots, at, slots)
+        self._keys, self._key_slots = keys, key_slots
+
+
+_STORE_FILES = ("weight", "exp_avg", "exp_avg_sq")
+
+
+def disk_table(
+    path: str | os.PathLike[str],
+    num_rows: int,
+    dim: int,
+    *,
+    cache_bytes: int,
+    device: torch.device | str | None = "cpu",
+    create: bool = True,
+) -> OffloadedTable:
+    """An :class:`OffloadedTable` over three :class:`DiskStore` files in directory ``path``.
+
+    ``path/weight.engt``, ``path/exp_avg.engt``, ``path/exp_avg_sq.engt`` (plus their journals):
+    one directory per table keeps the row-aligned stores together. ``cache_bytes`` is split half
+    to the weights (read by every lookup and every step), a quarter to each moment (read only
+    by the optimiser). ``create=True`` makes new files (refusing to overwrite) and initialises
+    them with ``reset_parameters()``; ``create=False`` opens existing files and checks the shape.
+    ``device`` is where rows are delivered (``None``: the device of the ids, as in
+    :class:`OffloadedTable`).
+    """
+    directory = Path(path)
+    files = [directory / f"{name}.engt" for name in _STORE_FILES]
+    budgets = (cache_bytes // 2, cache_bytes // 4, cache_bytes // 4)
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+        stores = [
+            DiskStore.create(f, num_rows, dim, cache_bytes=b)
+            for f, b in zip(files, budgets, strict=True)
+        ]
+    else:
+        stores = [DiskStore.open(f, cache_bytes=b) for f, b in zip(files, budgets, strict=True)]
+        for store in stores:
+            if (store.num_rows, store.dim) != (num_rows, dim):
+                raise ValueError(
+                    f"{store.path} is [{store.num_rows}, {store.dim}], expected [{num_rows}, {dim}]"
+                )
+    table = OffloadedTable(*stores, device=device)
+    if create:
+        table.reset_parameters()
+        table.flush()
+    return table

@@ -1,0 +1,294 @@
+"""DiskStore: exact for any cache size, durable, crash-consistent; trains like SparseAdam."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engramlm.tables import DeviceTable, disk
+from engramlm.tables.disk import DiskStore, FrequencySketch, TableFileError, disk_table
+from engramlm.tables.offload import OffloadedTable, RowStore, TableAdam
+
+DIM = 8
+
+
+def _row_cost(dim: int = DIM) -> int:
+    from engramlm.tables.disk import _ROW_OVERHEAD_BYTES
+
+    return 4 * dim + _ROW_OVERHEAD_BYTES
+
+
+def _filled(path: Path, num_rows: int, value: float = 0.0, **kw: object) -> DiskStore:
+    store = DiskStore.create(path, num_rows, DIM, **kw)  # type: ignore[arg-type]
+    store.write(torch.arange(num_rows), torch.full((num_rows, DIM), value))
+    return store
+
+
+def test_disk_store_is_a_row_store(tmp_path: Path) -> None:
+    with DiskStore.create(tmp_path / "t", 4, DIM) as store:
+        assert isinstance(store, RowStore)
+
+
+def test_round_trip_survives_close_and_reopen(tmp_path: Path) -> None:
+    values = torch.randn(100, DIM)
+    with DiskStore.create(tmp_path / "t", 100, DIM, cache_bytes=1 << 20) as store:
+        store.write(torch.arange(100), values)
+        assert torch.equal(store.read(torch.arange(100)), values)
+    with DiskStore.open(tmp_path / "t", verify=True) as store:
+        assert torch.equal(store.read(torch.tensor([5, 0, 99, 5])), values[[5, 0, 99, 5]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_storage_reads_what_was_written_rounded(tmp_path: Path, dtype: torch.dtype) -> None:
+    values = torch.randn(50, DIM)
+    rounded = values.to(dtype).float()
+    with DiskStore.create(tmp_path / "t", 50, DIM, dtype=dtype, cache_bytes=10 * _row_cost()) as s:
+        s.write(torch.arange(50), values)
+        assert torch.equal(s.read(torch.arange(50)), rounded)  # mixed cache hits and file reads
+    assert os.path.getsize(tmp_path / "t") == 4096 + 50 * DIM * 2
+    with DiskStore.open(tmp_path / "t") as s:
+        assert torch.equal(s.read(torch.arange(50)), rounded)
+
+
+@pytest.mark.parametrize(
+    ("cache_rows", "victim_sample"), [(0, 0), (3, 0), (16, 0), (200, 0), (64, 16)]
+)
+def test_reads_return_last_write_whatever_the_cache_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_rows: int, victim_sample: int
+) -> None:
+    """Property-style: random batches (some larger than the cache) against a numpy reference.
+
+    ``victim_sample`` > 0 shrinks the threshold above which victims come from a random sample.
+    """
+    if victim_sample:
+        monkeypatch.setattr(disk, "_VICTIM_SAMPLE", victim_sample)
+    num_rows, rng = 120, np.random.default_rng(cache_rows)
+    reference = np.zeros((num_rows, DIM), dtype=np.float32)
+    store = DiskStore.create(tmp_path / "t", num_rows, DIM, cache_bytes=cache_rows * _row_cost())
+    assert store.capacity == cache_rows
+    zipf = np.minimum(rng.zipf(1.3, size=100_000), num_rows) - 1  # skewed, like n-gram traffic
+    for step in range(300):
+        n = int(rng.integers(1, 40))
+        rows = np.unique(rng.choice(zipf, size=n))
+        if rng.random() < 0.5:
+            values = rng.standard_normal((len(rows), DIM)).astype(np.float32)
+            store.write(torch.from_numpy(rows), torch.from_numpy(values))
+            reference[rows] = values
+        else:
+            rows = rng.choice(zipf, size=n)  # duplicates allowed on reads
+            got = store.read(torch.from_numpy(rows)).numpy()
+            np.testing.assert_array_equal(got, reference[rows], err_msg=f"step {step}")
+        if step % 97 == 96:
+            store.close()
+            store = DiskStore.open(tmp_path / "t", cache_bytes=cache_rows * _row_cost())
+    np.testing.assert_array_equal(store.read(torch.arange(num_rows)).numpy(), reference)
+    store.close()
+
+
+def test_eviction_writes_dirty_rows_back(tmp_path: Path) -> None:
+    store = DiskStore.create(tmp_path / "t", 64, DIM, cache_bytes=4 * _row_cost())
+    values = torch.randn(4, DIM)
+    store.write(torch.arange(4), values)  # cached, dirty, used once
+    for _ in range(3):  # rows used more often displace them
+        store.read(torch.arange(4, 8))
+    assert store.stats()["evictions"] == 4 and store.stats()["writebacks"] == 4
+    assert np.array_equal(_raw_rows(tmp_path / "t")[:4], values.numpy())  # in the file
+    store.close()
+
+
+def test_a_file_has_one_writer(tmp_path: Path) -> None:
+    with DiskStore.create(tmp_path / "t", 4, DIM):
+        with pytest.raises(TableFileError, match="t: already open"):
+            DiskStore.open(tmp_path / "t")
+
+
+def test_stats_count_hits_misses_evictions_writebacks(tmp_path: Path) -> None:
+    store = DiskStore.create(tmp_path / "t", 100, DIM, cache_bytes=10 * _row_cost())
+    store.read(torch.arange(10))  # 10 misses, all admitted into free slots
+    store.read(torch.arange(10))  # 10 hits
+    store.write(torch.arange(5), torch.ones(5, DIM))  # 5 dirty cached rows
+    store.flush()  # 5 written back
+    stats = store.stats()
+    assert stats == {
+        "hits": 10,
+        "misses": 10,
+        "evictions": 0,
+        "writebacks": 5,
+        "hit_rate": 0.5,
+        "bytes_cached": 10 * DIM * 4,
+    }
+    for _ in range(3):  # rows 50..54 become more frequent than the cached ones...
+        store.read(torch.arange(50, 55))
+    assert store.stats()["evictions"] == 5  # ...and displace five of them
+    store.close()
+
+
+def test_tinylfu_keeps_hot_rows_under_a_scan(tmp_path: Path) -> None:
+    """A one-off scan of cold rows must not flush the hot set (LRU would lose it all)."""
+    store = DiskStore.create(tmp_path / "t", 10_000, DIM, cache_bytes=100 * _row_cost())
+    hot = torch.arange(100)
+    for _ in range(5):
+        store.read(hot)
+    for start in range(100, 500, 100):  # within one sketch sample (10x the cache): no aging
+        store.read(torch.arange(start, start + 100))
+    before = store.stats()["hits"]
+    store.read(hot)
+    assert store.stats()["hits"] - before == 100
+    store.close()
+
+
+def test_sketch_estimates_frequency_and_ages() -> None:
+    sketch = FrequencySketch(capacity=1000)
+    rows = np.arange(10, dtype=np.int64)
+    for _ in range(4):
+        estimate, _ = sketch.increment(rows)
+    assert (estimate == 4).all()
+    while not sketch.increment(np.arange(1000, 1100, dtype=np.int64))[1]:
+        pass
+    assert (sketch.counts.max() <= FrequencySketch.CAP) and sketch.additions < sketch.sample_size
+
+
+def test_truncated_file_is_refused_naming_it(tmp_path: Path) -> None:
+    DiskStore.create(tmp_path / "t", 10, DIM).close()
+    with open(tmp_path / "t", "r+b") as f:
+        f.truncate(4096 + 9 * DIM * 4)
+    with pytest.raises(TableFileError, match=r"t: file is .* bytes but its header implies"):
+        DiskStore.open(tmp_path / "t")
+
+
+@pytest.mark.parametrize(
+    ("offset", "patch", "problem"),
+    [(0, b"NOTATABL", "not an engramlm table"), (8, b"\x07", "format version 7"),
+     (16, b"\x0b", "header checksum mismatch")],
+)  # fmt: skip
+def test_bad_header_is_refused_naming_it(
+    tmp_path: Path, offset: int, patch: bytes, problem: str
+) -> None:
+    DiskStore.create(tmp_path / "t", 10, DIM).close()
+    with open(tmp_path / "t", "r+b") as f:
+        f.seek(offset)
+        f.write(patch)
+    with pytest.raises(TableFileError, match=f"{tmp_path / 't'}: {problem}"):
+        DiskStore.open(tmp_path / "t")
+
+
+def test_corrupt_data_fails_verification(tmp_path: Path) -> None:
+    _filled(tmp_path / "t", 10, 1.0).close()
+    with DiskStore.open(tmp_path / "t", verify=True) as store:
+        assert store.verify()
+    with open(tmp_path / "t", "r+b") as f:
+        f.seek(4096 + 3 * DIM * 4 + 1)
+        f.write(b"\xff")
+    DiskStore.open(tmp_path / "t").close()  # opening does not read the data...
+    with pytest.raises(TableFileError, match=r"t: data checksum mismatch"):
+        DiskStore.open(tmp_path / "t", verify=True)  # ...verifying does
+
+
+def test_creating_a_large_table_is_sparse(tmp_path: Path) -> None:
+    num_rows = 200_000_000  # 6.4 GB declared
+    with DiskStore.create(tmp_path / "big", num_rows, DIM, cache_bytes=1 << 20) as store:
+        store.write(torch.tensor([num_rows - 1]), torch.ones(1, DIM))
+    stat = os.stat(tmp_path / "big")
+    assert stat.st_size == 4096 + num_rows * DIM * 4
+    assert stat.st_blocks * 512 < 1 << 20
+    with DiskStore.open(tmp_path / "big", verify=True) as store:  # checksummed at close
+        got = store.read(torch.tensor([0, num_rows - 1]))
+    assert torch.equal(got, torch.stack([torch.zeros(DIM), torch.ones(DIM)]))
+
+
+_CRASHING_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from engramlm.tables import disk
+
+    path, stage = sys.argv[1], sys.argv[2]
+    disk._IN_PLACE_CHUNK_BYTES = 16 * 8 * 4  # 16 rows per in-place chunk
+    store = disk.DiskStore.open(path, cache_bytes=1 << 20)
+    store.write(torch.arange(64), torch.full((64, 8), 1.0))  # all cached, dirty
+
+    def die(at):
+        if at == stage:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    disk._fault_hook = die
+    store.flush()
+    """
+)
+
+
+def _crash_mid_flush(path: Path, stage: str) -> None:
+    _filled(path, 64, 0.0).close()
+    result = subprocess.run(
+        [sys.executable, "-c", _CRASHING_WRITER, str(path), stage],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+
+
+def _raw_rows(path: Path) -> np.ndarray:
+    return np.fromfile(path, dtype="<f4", offset=4096).reshape(-1, DIM)
+
+
+@pytest.mark.parametrize("stage", ["journaled", "in_place"])
+def test_journal_replay_after_sigkill_mid_flush(tmp_path: Path, stage: str) -> None:
+    path = tmp_path / "t"
+    _crash_mid_flush(path, stage)
+    torn = _raw_rows(path)
+    assert ((torn == 0).all(axis=1) | (torn == 1).all(axis=1)).all()  # never a torn row
+    new_rows = int((torn == 1).all(axis=1).sum())
+    assert new_rows == (0 if stage == "journaled" else 16)  # the crash left old rows in place
+    assert os.path.getsize(str(path) + ".journal") > 0
+    with DiskStore.open(path, cache_bytes=0) as store:
+        assert torch.equal(store.read(torch.arange(64)), torch.ones(64, DIM))
+    assert os.path.getsize(str(path) + ".journal") == 0
+
+
+def test_incomplete_journal_record_is_discarded(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    _crash_mid_flush(path, "journaled")
+    journal = Path(str(path) + ".journal")
+    journal.write_bytes(journal.read_bytes()[:-5])  # the record's tail never reached the disk
+    with DiskStore.open(path, cache_bytes=0) as store:
+        assert torch.equal(store.read(torch.arange(64)), torch.zeros(64, DIM))
+
+
+def test_disk_table_trains_like_sparse_adam(tmp_path: Path) -> None:
+    """TableAdam over DiskStores (small caches: evictions every step) = SparseAdam, bitwise."""
+    torch.manual_seed(0)
+    num_rows = 300
+    table = disk_table(tmp_path / "table", num_rows, DIM, cache_bytes=4 * 40 * _row_cost())
+    assert isinstance(table, OffloadedTable)
+    reference = DeviceTable(num_rows, DIM, sparse_grad=True)
+    with torch.no_grad():
+        reference.weight.copy_(table.weight_store.read(torch.arange(num_rows)))
+    lr, betas = 1e-2, (0.9, 0.95)
+    sparse_adam = torch.optim.SparseAdam(reference.parameters(), lr=lr, betas=betas)
+    table_adam = TableAdam([table], lr=lr, betas=betas)
+    for _ in range(5):
+        rows = torch.randint(0, num_rows, (4, 16))
+        grad = torch.randn(4, 16, DIM)
+        (reference.lookup(rows) * grad).sum().backward()
+        sparse_adam.step()
+        sparse_adam.zero_grad()
+        (table.lookup(rows) * grad).sum().backward()
+        table_adam.step()
+        table_adam.zero_grad()
+    assert table.weight_store.stats()["evictions"] > 0
+    all_rows = torch.arange(num_rows)
+    assert torch.equal(table.weight_store.read(all_rows), reference.weight.detach())
+    table.flush()
+    for store in (table.weight_store, table.exp_avg, table.exp_avg_sq):
+        store.close()
+    reopened = disk_table(tmp_path / "table", num_rows, DIM, cache_bytes=0, create=False)
+    assert torch.equal(reopened.weight_store.read(all_rows), reference.weight.detach())

@@ -1,0 +1,390 @@
+"""Every table backend behaves like the in-memory one (STYLE.md "The seams", SPEC §5).
+
+The shared suite is parametrised over backends (device, host, disk when
+``engramlm.tables.disk`` is there): lookups, prefetching (including prefetches for two
+batches in flight at once, and prefetches overtaken by a write), and training - one step of a
+table, a tiny EngramLM, and full ``train()`` runs - bitwise equal (fp32) to the device table
+trained with SparseAdam. Then conversion between backends and checkpoints that move between
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engramlm.checkpoint import checkpoint_dir
+from engramlm.cli import main
+from engramlm.config import EngramConfig, ModelConfig
+from engramlm.data import PreparedCorpus, prepare_corpus
+from engramlm.model import EngramLM
+from engramlm.tables import (
+    DeviceTable,
+    MemoryStore,
+    OffloadedTable,
+    Table,
+    TableAdam,
+    TablePlan,
+    build_table,
+    convert_table,
+)
+from engramlm.tables import offload as offload_module
+from engramlm.tables.plan import read_rows
+from engramlm.train import TrainConfig, build_optimizers, load_run, train
+
+NUM_ROWS, DIM = 97, 8
+
+
+def disk_available() -> bool:
+    try:
+        from engramlm.tables.disk import disk_table  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(params=["device", "host", "disk"])
+def plan(request: pytest.FixtureRequest, tmp_path: Path) -> TablePlan:
+    if request.param == "disk":
+        if not disk_available():
+            pytest.skip("disk tier not available")
+        return TablePlan("disk", path=str(tmp_path / "tables"), cache_mb=1)
+    return TablePlan(request.param)
+
+
+@pytest.fixture
+def reference() -> DeviceTable:
+    """The rows every backend must reproduce."""
+    return DeviceTable(NUM_ROWS, DIM)
+
+
+def copy_of(reference: DeviceTable, plan: TablePlan, name: str = "t") -> Table:
+    table = build_table(plan, NUM_ROWS, DIM, name=name)
+    convert_table(reference, table, chunk_rows=10)  # 97 rows: a short last chunk
+    return table
+
+
+def table_optimizer(table: Table) -> torch.optim.Optimizer | TableAdam:
+    """Lazy Adam as training builds it: SparseAdam for device tables, else TableAdam."""
+    if isinstance(table, DeviceTable):
+        table.sparse_grad = True
+        return torch.optim.SparseAdam(table.parameters(), lr=0.1, betas=(0.9, 0.95))
+    assert isinstance(table, OffloadedTable)
+    return TableAdam([table], lr=0.1, betas=(0.9, 0.95))
+
+
+def all_rows(table: Table) -> torch.Tensor:
+    return read_rows(table, torch.arange(table.num_rows))
+
+
+def random_rows(seed: int, shape: tuple[int, ...] = (2, 5, 3)) -> torch.Tensor:
+    return torch.randint(0, NUM_ROWS, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup and prefetch
+
+
+def test_lookup_returns_the_addressed_rows(plan: TablePlan, reference: DeviceTable) -> None:
+    table, rows = copy_of(reference, plan), random_rows(0)
+    assert torch.equal(table.lookup(rows), reference.weight.detach()[rows])
+
+
+def test_prefetch_then_lookup_equals_plain_lookup(plan: TablePlan, reference: DeviceTable) -> None:
+    table, rows = copy_of(reference, plan), random_rows(1)
+    table.prefetch(rows)
+    assert torch.equal(table.lookup(rows), reference.weight.detach()[rows])
+
+
+def test_two_prefetches_in_flight_each_get_their_own_rows(
+    plan: TablePlan, reference: DeviceTable
+) -> None:
+    table = copy_of(reference, plan)
+    a, b = random_rows(2), random_rows(3)  # same shape, different rows
+    assert not torch.equal(a, b)
+    table.prefetch(a)
+    table.prefetch(b)
+    got_b, got_a = table.lookup(b), table.lookup(a)
+    assert torch.equal(got_a, reference.weight.detach()[a])
+    assert torch.equal(got_b, reference.weight.detach()[b])
+
+
+def test_prefetch_is_never_handed_to_a_lookup_of_other_rows(
+    plan: TablePlan, reference: DeviceTable
+) -> None:
+    table = copy_of(reference, plan)
+    a, b = random_rows(4), random_rows(5)
+    table.prefetch(a)
+    assert torch.equal(table.lookup(b), reference.weight.detach()[b])
+
+
+def test_prefetch_issued_before_an_optimizer_step_is_not_used_after_it(
+    plan: TablePlan, reference: DeviceTable
+) -> None:
+    table, rows = copy_of(reference, plan), random_rows(6)
+    optimizer = table_optimizer(table)
+    table.lookup(rows).pow(2).sum().backward()
+    table.prefetch(rows)  # gathers the rows as they are before the step
+    optimizer.step()
+    after = table.lookup(rows).detach()
+    assert torch.equal(after, all_rows(table)[rows])
+    assert not torch.equal(after, reference.weight.detach()[rows])
+
+
+def test_unclaimed_prefetches_are_bounded() -> None:
+    table = build_table(TablePlan("host"), NUM_ROWS, DIM, name="t")
+    assert isinstance(table, OffloadedTable)
+    for seed in range(3 * table.max_prefetches):
+        table.prefetch(random_rows(seed))
+    assert table.num_prefetched == table.max_prefetches
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_prefetches_copy_on_a_side_stream_and_deliver_their_own_rows(
+    reference: DeviceTable,
+) -> None:
+    table = copy_of(reference, TablePlan("host"))
+    assert isinstance(table, OffloadedTable)
+    a, b = random_rows(7).cuda(), random_rows(8).cuda()
+    table.prefetch(a)
+    table.prefetch(b)
+    got_b, got_a = table.lookup(b), table.lookup(a)
+    expected = reference.weight.detach().cuda()
+    assert got_a.is_cuda and torch.equal(got_a, expected[a]) and torch.equal(got_b, expected[b])
+    assert (table.prefetch_hits, table.prefetch_misses) == (2, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: bitwise equal to the device table with SparseAdam
+
+
+def test_optimizer_steps_match_the_device_table_and_touch_only_addressed_rows(
+    plan: TablePlan, reference: DeviceTable
+) -> None:
+    table = copy_of(reference, plan)
+    twin = copy_of(reference, TablePlan("device"))
+    optimizers = [table_optimizer(table), table_optimizer(twin)]
+    addressed = torch.zeros(NUM_ROWS, dtype=torch.bool)
+    for step in range(3):
+        rows = random_rows(10 + step)  # with repeated rows within and across batches
+        addressed[rows.flatten()] = True
+        weights = torch.randn(*rows.shape, DIM)
+        for t, opt in zip((table, twin), optimizers, strict=True):
+            t.prefetch(rows)
+            (t.lookup(rows) * weights).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    after = all_rows(table)
+    assert torch.equal(after, all_rows(twin))
+    changed = (after != reference.weight.detach()).any(dim=1)
+    assert torch.equal(changed, addressed)
+
+
+def tiny_config(layer_ids: tuple[int, ...] = (1,)) -> ModelConfig:
+    engram = EngramConfig.preset("tiny", layer_ids=layer_ids)
+    return ModelConfig.preset("tiny-engram", max_seq_len=32, engram=engram)
+
+
+def test_tiny_engramlm_trains_bitwise_like_the_device_model(plan: TablePlan) -> None:
+    config = tiny_config(layer_ids=(0, 2))
+    device_model = EngramLM(config)
+    model = EngramLM(config, tables=plan)
+    model.load_state_dict(device_model.state_dict())  # identical initial weights
+    runs = [(m, build_optimizers(m, TrainConfig(lr=1e-2))) for m in (model, device_model)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, config.vocab_size, (2, 16), generator=generator)
+        losses = []
+        for m, optimizers in runs:
+            loss = m(ids, targets=ids).loss
+            loss.backward()
+            for opt in optimizers.values():
+                opt.step()
+                opt.zero_grad()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1])
+    for table, twin in zip(model.engram_tables(), device_model.engram_tables(), strict=True):
+        assert torch.equal(all_rows(table), all_rows(twin))
+
+
+def test_forward_prefetches_every_engram_layer_before_layer_0() -> None:
+    model = EngramLM(tiny_config(layer_ids=(0, 2)), tables=TablePlan("host"))
+    tables = model.engram_tables()
+    pending_at_layer_0: list[int] = []
+    model.layers[0].register_forward_pre_hook(
+        lambda *_: pending_at_layer_0.extend(t.num_prefetched for t in tables)
+    )
+    model(torch.randint(0, model.config.vocab_size, (2, 16)))
+    assert pending_at_layer_0 == [1, 1]
+    assert [(t.prefetch_hits, t.prefetch_misses) for t in tables] == [(1, 0), (1, 0)]
+
+
+def test_host_table_initialises_like_the_device_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offload_module, "CHUNK_ROWS", 48)  # several chunks, a short last one
+    torch.manual_seed(0)
+    device = DeviceTable(NUM_ROWS, DIM)
+    torch.manual_seed(0)
+    host = build_table(TablePlan("host"), NUM_ROWS, DIM, name="t")
+    assert torch.equal(all_rows(host), device.weight.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion and checkpoints across backends
+
+
+def test_convert_table_round_trips_through_every_backend(
+    plan: TablePlan, reference: DeviceTable
+) -> None:
+    middle = copy_of(reference, plan)
+    back = DeviceTable(NUM_ROWS, DIM)
+    convert_table(middle, back, chunk_rows=7)
+    assert torch.equal(back.weight, reference.weight)
+
+
+def test_convert_table_refuses_a_different_shape(reference: DeviceTable) -> None:
+    with pytest.raises(ValueError, match=r"source table is \[97, 8\], destination \[96, 8\]"):
+        convert_table(reference, DeviceTable(NUM_ROWS - 1, DIM))
+
+
+def test_memory_store_refuses_a_misaligned_moment_store() -> None:
+    with pytest.raises(ValueError, match="row-aligned"):
+        OffloadedTable(MemoryStore(4, 2), MemoryStore(4, 2), MemoryStore(5, 2))
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [({"kind": "ssd"}, "kind"), ({"kind": "disk"}, "path"), ({"cache_mb": -1}, "cache_mb")],
+)
+def test_invalid_table_plan_is_a_value_error_naming_the_field(
+    fields: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        TablePlan(**fields)  # type: ignore[arg-type]
+
+
+def test_invalid_table_storage_is_a_value_error_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="table_storage"):
+        TrainConfig(table_storage="ssd")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# train(): host tables train and resume bitwise like device tables
+
+PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
+PAGES = ("json", "functools", "enum", "dataclasses", "contextlib")
+STEPS, CKPT_EVERY = 12, 6
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> PreparedCorpus:
+    pages = [PYDOCS_LIBRARY / f"{name}.rst.txt" for name in PAGES]
+    if not all(p.exists() for p in pages):
+        pytest.skip("python3.11-doc is not installed: run `make data`")
+    folder = tmp_path_factory.mktemp("tables-corpus")
+    for p in pages:
+        shutil.copy(p, folder)
+    return prepare_corpus(str(folder), vocab_size=512, cache_dir=folder / "cache")
+
+
+def run_config(corpus: PreparedCorpus, out_dir: Path, storage: str) -> TrainConfig:
+    return TrainConfig(
+        data="unused: the corpus is passed in",
+        vocab_size=512,
+        seq_len=32,
+        batch_size=4,
+        steps=STEPS,
+        warmup_steps=2,
+        eval_every=0,
+        eval_batches=2,
+        ckpt_every=CKPT_EVERY,
+        log_every=1,
+        out_dir=str(out_dir),
+        table_storage=storage,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(corpus: PreparedCorpus, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same run with device tables and with host tables."""
+    root = tmp_path_factory.mktemp("runs")
+    for storage in ("device", "host"):
+        cfg = run_config(corpus, root / storage, storage)
+        train(tiny_config(), cfg, corpus=corpus, progress=False)
+    return {storage: root / storage for storage in ("device", "host")}
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, rows)]
+
+
+def checkpoint_tensors(run: Path, file: str) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint_dir(run, STEPS) / file)
+
+
+def test_host_tables_train_bitwise_like_device_tables(runs: dict[str, Path]) -> None:
+    saved = json.loads((runs["host"] / "config.json").read_text())["train"]
+    assert saved["table_storage"] == "host"
+    assert losses(runs["host"]) == losses(runs["device"])
+    for file in ("model.safetensors", "optimizer.safetensors"):  # weights; Adam moments
+        assert_same_tensors(checkpoint_tensors(runs["host"], file), runs["device"], file)
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], run: Path, file: str) -> None:
+    want = checkpoint_tensors(run, file)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_host_tables_resume_bitwise(
+    corpus: PreparedCorpus, runs: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "host"
+    shutil.copytree(runs["host"], run)
+    shutil.rmtree(checkpoint_dir(run, STEPS))  # as if killed between the two checkpoints
+    cfg = run_config(corpus, run, "host")
+    with caplog.at_level(logging.INFO, logger="engramlm.train"):
+        train(tiny_config(), cfg, resume=True, corpus=corpus, progress=False)
+    assert f"at step {CKPT_EVERY}" in caplog.text
+    assert losses(run) == losses(runs["host"])
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        assert_same_tensors(checkpoint_tensors(run, file), runs["host"], file)
+
+
+@pytest.mark.parametrize(("trained", "served"), [("device", "host"), ("host", "device")])
+def test_checkpoint_serves_identical_logits_from_another_backend(
+    runs: dict[str, Path], trained: str, served: str
+) -> None:
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    same, _ = load_run(runs[trained], tables=TablePlan(trained))  # type: ignore[arg-type]
+    other, _ = load_run(runs[trained], tables=TablePlan(served))  # type: ignore[arg-type]
+    assert isinstance(other.engram_tables()[0], OffloadedTable) == (served == "host")
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, same(ids).logits)
+
+
+def test_resume_with_disk_tables_is_refused(corpus: PreparedCorpus, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(run_config(corpus, tmp_path / "disk", "device"), table_storage="disk")
+    with pytest.raises(ValueError, match="resume with table_storage='disk' is not supported"):
+        train(tiny_config(), cfg, resume=True, corpus=corpus, progress=False)
+
+
+def test_exported_disk_tables_hold_the_checkpoint_rows(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    if not disk_available():
+        pytest.skip("disk tier not available")
+    from engramlm.tables.disk import disk_table
+
+    main(["tables", "export", "--run", str(runs["host"]), "--out", str(tmp_path / "tables")])
+    weights = checkpoint_tensors(runs["host"], "model.safetensors")["layers.1.engram.table.weight"]
+    folder = tmp_path / "tables/engram_layer1"
+    table = disk_table(folder, *weights.shape, cache_bytes=1 << 20, create=False)
+    assert torch.equal(all_rows(table), weights)
