@@ -2,6 +2,7 @@
 
     engramlm train --config recipes/tiny.toml --train.steps=200 --model.hidden_size=128
     engramlm eval --run runs/train [--data FILE]
+    engramlm generate --run runs/train --prompt "The list type" [--temperature 0.8]
     engramlm compare [--steps N] [--out runs/compare]
     engramlm tables export --run runs/train --out tables/
 
@@ -106,6 +107,28 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     )
 
 
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Continue a prompt with a trained run's model, streaming the text as it comes."""
+    from engramlm.generate import generate_text
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    sys.stdout.write(args.prompt)
+    generate_text(
+        args.run,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_text=show,
+    )
+    sys.stdout.write("\n")
+
+
 def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> None:
     """The main job: MoE baseline vs iso-parameter Engram vs dense iso-FLOP, same data/steps."""
     from engramlm.compare import run_compare
@@ -136,6 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", help="a text file/folder/.jsonl to score instead of the val split")
     p.add_argument("--max-batches", type=int, default=None)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("compare", help=cmd_compare.__doc__)
     p.add_argument("--out", default="runs/compare")
