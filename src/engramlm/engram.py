@@ -59,9 +59,13 @@ class ShortConv(nn.Module):
         if state is None:
             state = x.new_zeros(B, M * D, P)  # causal left padding
         x = torch.cat([state, x], dim=-1)  # [B, M*D, P+T]
-        if T == 0:  # conv1d refuses an input shorter than its kernel
-            return u.new_zeros(B, T, M, D), x
-        y = F.conv1d(x, self.weight.to(x.dtype), dilation=self.dilation, groups=M * D)  # [B,M*D,T]
+        # Depthwise dilated conv as a sum over the w taps: y[t] = sum_i W[:, i] * x[t + i*delta].
+        # Same result as F.conv1d(groups=M*D), but a few fused elementwise ops instead of a
+        # oneDNN call that costs ~0.2 ms even for a single decoding position.
+        w = self.weight.to(x.dtype)  # [M*D, 1, w]
+        y = x.new_zeros(B, M * D, T)
+        for i in range(self.kernel_size):
+            y = y + w[:, :, i] * x[:, :, i * self.dilation : i * self.dilation + T]
         y = F.silu(y).transpose(1, 2).reshape(B, T, M, D)
         return y, x[:, :, x.shape[-1] - P :]
 

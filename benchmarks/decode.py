@@ -1,0 +1,101 @@
+"""How fast is KV-cached decoding with Engram, and with its table on disk?
+
+Three models with the same backbone and weights (4 layers, D=256 by default): no Engram;
+Engram at layer 1 with the table in memory; the same table on the disk tier (DiskStore with a
+hot-row cache, rows prefetched before layer 0). Each decodes the same prompts greedily with the
+KV cache; the three runs are interleaved, and tokens/s are medians over repeats.
+
+    .venv/bin/python benchmarks/decode.py [--batch 1] [--new 64] [--table-size 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved, machine  # noqa: E402
+
+from engramlm.config import EngramConfig, ModelConfig  # noqa: E402
+from engramlm.generate import generate_tokens  # noqa: E402
+from engramlm.model import EngramLM  # noqa: E402
+from engramlm.tables import TablePlan, convert_table  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--table-size", type=int, default=200_000, help="rows per head, pre-prime")
+    p.add_argument("--cache-mb", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+
+    D = args.hidden
+    backbone = ModelConfig(
+        vocab_size=8192,
+        num_layers=args.layers,
+        hidden_size=D,
+        num_heads=max(1, D // 64),
+        num_kv_heads=max(1, D // 64),
+        ffn_hidden_size=3 * D,
+        max_seq_len=args.prompt + args.new,
+    )
+    engram_cfg = EngramConfig(
+        table_sizes=(args.table_size, args.table_size),
+        embed_dim_per_ngram=128,
+        layer_ids=(1,),
+        hc_mult=1,
+    )
+    with_engram = dataclasses.replace(backbone, engram=engram_cfg)
+    torch.manual_seed(0)
+    base = EngramLM(backbone).eval()
+    mem = EngramLM(with_engram).eval()
+    mem.load_state_dict(base.state_dict(), strict=False)  # same backbone weights
+    with tempfile.TemporaryDirectory() as tmp:
+        disk = EngramLM(
+            with_engram, tables=TablePlan(kind="disk", path=tmp, cache_mb=args.cache_mb)
+        ).eval()
+        disk.load_state_dict(
+            {k: v for k, v in mem.state_dict().items() if "table" not in k}, strict=False
+        )
+        for src, dst in zip(mem.engram_tables(), disk.engram_tables(), strict=True):
+            convert_table(src, dst)
+        prompt = torch.randint(0, backbone.vocab_size, (args.batch, args.prompt))
+
+        def decode(model: EngramLM) -> torch.Tensor:
+            return torch.stack(list(generate_tokens(model, prompt, args.new, temperature=0)), 1)
+
+        out_mem, out_disk = decode(mem), decode(disk)
+        assert torch.equal(out_mem, out_disk), "disk-tier decoding differs from in-memory"
+        t = interleaved(
+            {
+                "backbone": lambda: decode(base),
+                "engram (memory)": lambda: decode(mem),
+                "engram (disk)": lambda: decode(disk),
+            },
+            repeats=args.repeats,
+        )
+        rows = sum(t_.num_rows for t_ in mem.engram_tables())
+        print(f"machine: {machine()}")
+        print(
+            f"greedy decode, B={args.batch}, prompt {args.prompt} + {args.new} new tokens, "
+            f"D={D}, {args.layers} layers; Engram layer 1, {rows:,} rows "
+            f"({rows * engram_cfg.head_dim * 4 / 1e6:.0f} MB), disk cache {args.cache_mb} MB"
+        )
+        tokens = args.batch * args.new
+        for name, sec in t.items():
+            ratio = t["backbone"] / sec
+            print(f"  {name:16s} {tokens / sec:8.1f} tok/s   {ratio:5.3f}x backbone")
+
+
+if __name__ == "__main__":
+    main()
