@@ -204,6 +204,42 @@ def test_creating_a_large_table_is_sparse(tmp_path: Path) -> None:
     assert torch.equal(got, torch.stack([torch.zeros(DIM), torch.ones(DIM)]))
 
 
+def test_snapshot_is_sparse_and_restore_rolls_back_later_writes(tmp_path: Path) -> None:
+    num_rows = 20_000_000  # 640 MB declared: ten 64 MiB checksum chunks, nearly all holes
+    first, later = torch.tensor([3, num_rows - 1]), torch.tensor([5, num_rows // 2])
+    with DiskStore.create(tmp_path / "live", num_rows, DIM, cache_bytes=1 << 20) as store:
+        store.write(first, torch.ones(2, DIM))
+        crc = store.snapshot(tmp_path / "snap")
+        store.write(later, torch.full((2, DIM), 2.0))  # after the snapshot: rolled back below
+        store.write(first[:1], torch.full((1, DIM), 3.0))
+        store.flush()
+        store.restore(tmp_path / "snap")
+        got = store.read(torch.cat([first, later]))
+    assert os.stat(tmp_path / "snap").st_blocks * 512 < 1 << 20
+    disk.verify_snapshot(tmp_path / "snap", crc)
+    assert torch.equal(got, torch.cat([torch.ones(2, DIM), torch.zeros(2, DIM)]))
+    with DiskStore.open(tmp_path / "live") as store:  # the restore is durable, journal empty
+        assert torch.equal(store.read(torch.cat([first, later])), got)
+
+
+def test_restore_refuses_a_snapshot_of_another_shape_naming_it(tmp_path: Path) -> None:
+    with DiskStore.create(tmp_path / "other", 10, DIM) as other:
+        other.snapshot(tmp_path / "snap")
+    with DiskStore.create(tmp_path / "live", 11, DIM) as store:
+        with pytest.raises(TableFileError, match=r"snap: \[10, 8\] torch.float32 snapshot"):
+            store.restore(tmp_path / "snap")
+
+
+def test_corrupt_snapshot_fails_verification_naming_it(tmp_path: Path) -> None:
+    with _filled(tmp_path / "live", 100, value=1.0) as store:
+        crc = store.snapshot(tmp_path / "snap")
+    with open(tmp_path / "snap", "r+b") as f:
+        f.seek(4096 + 40 * DIM * 4)
+        f.write(b"\xff")  # 1.0 is 00 00 80 3f: its first byte was zero
+    with pytest.raises(TableFileError, match=r"snap: data checksum mismatch"):
+        disk.verify_snapshot(tmp_path / "snap", crc)
+
+
 _CRASHING_WRITER = textwrap.dedent(
     """
     import os, signal, sys

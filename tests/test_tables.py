@@ -4,23 +4,25 @@ The shared suite is parametrised over backends (device, host, disk when
 ``engramlm.tables.disk`` is there): lookups, prefetching (including prefetches for two
 batches in flight at once, and prefetches overtaken by a write), and training - one step of a
 table, a tiny EngramLM, and full ``train()`` runs - bitwise equal (fp32) to the device table
-trained with SparseAdam. Then conversion between backends and checkpoints that move between
-them.
+trained with SparseAdam. Then conversion between backends, checkpoints that move between
+them, and exact resume of every tier (disk tables through the snapshots in checkpoints).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from engramlm.checkpoint import checkpoint_dir
+from engramlm.checkpoint import CheckpointError, checkpoint_dir, verify_checkpoint
 from engramlm.cli import main
 from engramlm.config import EngramConfig, ModelConfig
 from engramlm.data import PreparedCorpus, prepare_corpus
@@ -227,13 +229,59 @@ def test_forward_prefetches_every_engram_layer_before_layer_0() -> None:
     assert [(t.prefetch_hits, t.prefetch_misses) for t in tables] == [(1, 0), (1, 0)]
 
 
-def test_host_table_initialises_like_the_device_table(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_table_initialises_like_the_device_table(
+    plan: TablePlan, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(offload_module, "CHUNK_ROWS", 48)  # several chunks, a short last one
     torch.manual_seed(0)
     device = DeviceTable(NUM_ROWS, DIM)
     torch.manual_seed(0)
-    host = build_table(TablePlan("host"), NUM_ROWS, DIM, name="t")
-    assert torch.equal(all_rows(host), device.weight.detach())
+    table = build_table(plan, NUM_ROWS, DIM, name="t")
+    assert torch.equal(all_rows(table), device.weight.detach())
+
+
+def test_model_initialises_like_the_device_model(plan: TablePlan) -> None:
+    torch.manual_seed(0)
+    device_model = EngramLM(tiny_config(layer_ids=(0, 2)))
+    torch.manual_seed(0)
+    model = EngramLM(tiny_config(layer_ids=(0, 2)), tables=plan)
+    want = device_model.state_dict()
+    got = model.state_dict()  # offloaded tables' rows are not in it (disk) or are (host)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    for table, twin in zip(model.engram_tables(), device_model.engram_tables(), strict=True):
+        assert torch.equal(all_rows(table), all_rows(twin))
+
+
+@pytest.mark.parametrize("kind", ["host", "disk"])
+def test_model_writes_each_offloaded_table_once(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = TablePlan(kind, path=str(tmp_path) if kind == "disk" else None)  # type: ignore[arg-type]
+    calls: list[int] = []
+    original = OffloadedTable.reset_parameters
+
+    def counting(self: OffloadedTable, *args: object, **kwargs: object) -> None:
+        calls.append(id(self))
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(OffloadedTable, "reset_parameters", counting)
+    model = EngramLM(tiny_config(layer_ids=(0, 2)), tables=plan)
+    assert sorted(calls) == sorted(id(t) for t in model.engram_tables())
+
+
+def test_close_is_idempotent_and_leaves_disk_files_verifiable(tmp_path: Path) -> None:
+    if not disk_available():
+        pytest.skip("disk tier not available")
+    from engramlm.tables.disk import DiskStore
+
+    table = build_table(TablePlan("disk", path=str(tmp_path), cache_mb=1), NUM_ROWS, DIM, name="t")
+    assert isinstance(table, OffloadedTable)
+    table.write_rows(torch.arange(3), torch.ones(3, DIM))
+    table.close()
+    table.close()
+    for name in ("weight", "exp_avg", "exp_avg_sq"):  # unlocked, with a valid data checksum
+        with DiskStore.open(tmp_path / "t" / f"{name}.engt", verify=True) as store:
+            assert store.verify()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,14 +359,17 @@ def run_config(corpus: PreparedCorpus, out_dir: Path, storage: str) -> TrainConf
     )
 
 
+STORAGES = ("device", "host", "disk")
+
+
 @pytest.fixture(scope="module")
 def runs(corpus: PreparedCorpus, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same run with device tables and with host tables."""
+    """The same run with device, host and disk tables."""
     root = tmp_path_factory.mktemp("runs")
-    for storage in ("device", "host"):
+    for storage in STORAGES:
         cfg = run_config(corpus, root / storage, storage)
         train(tiny_config(), cfg, corpus=corpus, progress=False)
-    return {storage: root / storage for storage in ("device", "host")}
+    return {storage: root / storage for storage in STORAGES}
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -330,50 +381,136 @@ def checkpoint_tensors(run: Path, file: str) -> dict[str, torch.Tensor]:
     return load_file(checkpoint_dir(run, STEPS) / file)
 
 
-def test_host_tables_train_bitwise_like_device_tables(runs: dict[str, Path]) -> None:
-    saved = json.loads((runs["host"] / "config.json").read_text())["train"]
-    assert saved["table_storage"] == "host"
-    assert losses(runs["host"]) == losses(runs["device"])
-    for file in ("model.safetensors", "optimizer.safetensors"):  # weights; Adam moments
-        assert_same_tensors(checkpoint_tensors(runs["host"], file), runs["device"], file)
+TABLE = "layers.1.engram.table"  # tiny_config's Engram layer, as a module name
 
 
-def assert_same_tensors(got: dict[str, torch.Tensor], run: Path, file: str) -> None:
-    want = checkpoint_tensors(run, file)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+def table_state(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    """Weights and Adam moments of the Engram table in a checkpoint, whatever its tier."""
+    ckpt = checkpoint_dir(run, step)
+    snapshot = ckpt / "tables" / TABLE
+    if snapshot.is_dir():  # disk: a header (rows, dim at bytes 16..32), float32 rows at 4096
+        assert f"{TABLE}.weight" not in load_file(ckpt / "model.safetensors")
+        out = {}
+        for name in ("weight", "exp_avg", "exp_avg_sq"):
+            file = snapshot / f"{name}.engt"
+            num_rows, dim = np.fromfile(file, dtype="<u8", count=2, offset=16)
+            raw = np.fromfile(file, dtype="<f4", offset=4096)
+            out[name] = torch.from_numpy(raw).view(int(num_rows), int(dim))
+        return out
+    model = load_file(ckpt / "model.safetensors")
+    opt = load_file(ckpt / "optimizer.safetensors")
+    return {
+        "weight": model[f"{TABLE}.weight"],
+        "exp_avg": opt["opt.tables.state.0.exp_avg"],
+        "exp_avg_sq": opt["opt.tables.state.0.exp_avg_sq"],
+    }
 
 
-def test_host_tables_resume_bitwise(
-    corpus: PreparedCorpus, runs: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+def dense_tensors(run: Path, file: str, step: int = STEPS) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors other than the Engram table's (which are tier-specific)."""
+    tensors = load_file(checkpoint_dir(run, step) / file)
+    return {k: v for k, v in tensors.items() if "state.0.exp_avg" not in k and TABLE not in k}
+
+
+def assert_same_state(run: Path, reference: Path, step: int = STEPS) -> None:
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        got, want = dense_tensors(run, file, step), dense_tensors(reference, file, step)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    got, want = table_state(run, step), table_state(reference, step)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("storage", ["host", "disk"])
+def test_offloaded_tables_train_bitwise_like_device_tables(
+    runs: dict[str, Path], storage: str
 ) -> None:
-    run = tmp_path / "host"
-    shutil.copytree(runs["host"], run)
+    saved = json.loads((runs[storage] / "config.json").read_text())["train"]
+    assert saved["table_storage"] == storage
+    assert losses(runs[storage]) == losses(runs["device"])
+    assert_same_state(runs[storage], runs["device"])
+
+
+@pytest.mark.parametrize("storage", ["host", "disk"])
+def test_offloaded_tables_resume_bitwise(
+    corpus: PreparedCorpus,
+    runs: dict[str, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    storage: str,
+) -> None:
+    run = tmp_path / storage
+    shutil.copytree(runs[storage], run)  # disk: live tables at step STEPS, past the checkpoint
     shutil.rmtree(checkpoint_dir(run, STEPS))  # as if killed between the two checkpoints
-    cfg = run_config(corpus, run, "host")
+    cfg = run_config(corpus, run, storage)
     with caplog.at_level(logging.INFO, logger="engramlm.train"):
         train(tiny_config(), cfg, resume=True, corpus=corpus, progress=False)
     assert f"at step {CKPT_EVERY}" in caplog.text
-    assert losses(run) == losses(runs["host"])
-    for file in ("model.safetensors", "optimizer.safetensors"):
-        assert_same_tensors(checkpoint_tensors(run, file), runs["host"], file)
+    assert losses(run) == losses(runs[storage])
+    assert_same_state(run, runs[storage])
 
 
-@pytest.mark.parametrize(("trained", "served"), [("device", "host"), ("host", "device")])
-def test_checkpoint_serves_identical_logits_from_another_backend(
-    runs: dict[str, Path], trained: str, served: str
+def flip_a_bit(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def truncate(file: Path) -> None:
+    os.truncate(file, file.stat().st_size - 8)
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [(flip_a_bit, "data checksum mismatch"), (truncate, "size mismatch, truncated")],
+)
+def test_damaged_table_snapshot_is_refused_naming_it_and_resume_falls_back(
+    corpus: PreparedCorpus,
+    runs: dict[str, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Any,
+    problem: str,
 ) -> None:
+    run = tmp_path / "disk"
+    shutil.copytree(runs["disk"], run)
+    damage(checkpoint_dir(run, STEPS) / "tables" / TABLE / "exp_avg.engt")
+    with pytest.raises(CheckpointError, match=rf"{TABLE}/exp_avg\.engt: {problem}"):
+        verify_checkpoint(checkpoint_dir(run, STEPS))
+    with caplog.at_level(logging.INFO, logger="engramlm.train"):
+        train(tiny_config(), run_config(corpus, run, "disk"), resume=True, corpus=corpus)
+    assert f"resumed from {checkpoint_dir(run, CKPT_EVERY)} at step {CKPT_EVERY}" in caplog.text
+    assert losses(run) == losses(runs["disk"])
+    assert_same_state(run, runs["disk"])
+
+
+def test_train_leaves_live_disk_tables_closed_and_verifiable(runs: dict[str, Path]) -> None:
+    from engramlm.tables.disk import DiskStore
+
+    for name in ("weight", "exp_avg", "exp_avg_sq"):
+        path = runs["disk"] / "tables" / "engram_layer1" / f"{name}.engt"
+        with DiskStore.open(path, verify=True) as store:
+            assert store.verify()
+
+
+@pytest.mark.parametrize(
+    ("trained", "served"),
+    [(t, s) for t in STORAGES for s in STORAGES if t != s],
+)
+def test_checkpoint_serves_identical_logits_from_another_backend(
+    runs: dict[str, Path], tmp_path: Path, trained: str, served: str
+) -> None:
+    def plan(kind: str, name: str) -> TablePlan:
+        path = str(tmp_path / name) if kind == "disk" else None
+        return TablePlan(kind, path=path)  # type: ignore[arg-type]
+
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    same, _ = load_run(runs[trained], tables=TablePlan(trained))  # type: ignore[arg-type]
-    other, _ = load_run(runs[trained], tables=TablePlan(served))  # type: ignore[arg-type]
-    assert isinstance(other.engram_tables()[0], OffloadedTable) == (served == "host")
+    same, _ = load_run(runs[trained], tables=plan(trained, "same"))
+    other, _ = load_run(runs[trained], tables=plan(served, "other"))
+    assert isinstance(other.engram_tables()[0], OffloadedTable) == (served != "device")
     with torch.no_grad():
         assert torch.equal(other(ids).logits, same(ids).logits)
-
-
-def test_resume_with_disk_tables_is_refused(corpus: PreparedCorpus, tmp_path: Path) -> None:
-    cfg = dataclasses.replace(run_config(corpus, tmp_path / "disk", "device"), table_storage="disk")
-    with pytest.raises(ValueError, match="resume with table_storage='disk' is not supported"):
-        train(tiny_config(), cfg, resume=True, corpus=corpus, progress=False)
+    same.close_tables()
+    other.close_tables()
 
 
 def test_exported_disk_tables_hold_the_checkpoint_rows(

@@ -31,6 +31,7 @@ from engramlm.cli import load_configs, main
 from engramlm.config import EngramConfig, ModelConfig
 from engramlm.data import PreparedCorpus, TrainBatches, prepare_corpus
 from engramlm.model import EngramLM
+from engramlm.tables.disk import snapshot_weights
 from engramlm.train import (
     TrainConfig,
     TrainResult,
@@ -113,7 +114,13 @@ def losses(run_dir: str | Path) -> list[tuple[int, float]]:
 
 
 def final_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(checkpoint_dir(run_dir, STEPS) / "model.safetensors")
+    """The final checkpoint's model tensors; a disk table's weights come from its snapshot."""
+    ckpt = checkpoint_dir(run_dir, STEPS)
+    weights = load_file(ckpt / "model.safetensors")
+    snapshots = ckpt / "tables"
+    for folder in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
+        weights[f"{folder.name}.weight"] = snapshot_weights(folder)
+    return weights
 
 
 def copy_run(reference: TrainResult, dest: Path) -> Path:
@@ -140,11 +147,16 @@ def write_toml(path: Path, model: ModelConfig, cfg: TrainConfig) -> Path:
 # Exact resume
 
 
+@pytest.mark.parametrize("table_storage", ["device", "disk"])
 def test_resume_after_sigkill_is_bitwise_identical(
-    corpus: Corpus, reference: TrainResult, tmp_path: Path
+    corpus: Corpus, reference: TrainResult, tmp_path: Path, table_storage: str
 ) -> None:
+    """Killed mid-run and resumed: the same losses and weights as the uninterrupted run (which
+    kept its tables on the device). Disk tables keep being written after the checkpoint, so
+    their resume rolls the live files back to the checkpoint's snapshot."""
     run = tmp_path / "killed"
-    toml = write_toml(tmp_path / "run.toml", model_config(), train_config(corpus, run))
+    cfg = train_config(corpus, run, table_storage=table_storage)
+    toml = write_toml(tmp_path / "run.toml", model_config(), cfg)
     log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "engramlm.cli", "train", "--config", str(toml)],

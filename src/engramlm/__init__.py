@@ -34,6 +34,7 @@ from engramlm.model import (
     allocate,
     model_stats,
 )
+from engramlm.retrofit import load_retrofit, retrofit, save_retrofit, train_retrofit
 from engramlm.tables import DeviceTable, Table
 from engramlm.tokenization import CompressedVocab, TokenizerMismatchError, vocab_fingerprint
 
@@ -71,13 +72,29 @@ __all__ = [
     "layer_multipliers",
     "load_checkpoint",
     "load_documents",
+    "load_retrofit",
     "model_stats",
     "ngram_hash",
     "prepare_corpus",
+    "retrofit",
+    "save_retrofit",
     "save_checkpoint",
     "split_documents",
     "tokenize_to_file",
+    "train_retrofit",
     "train_tokenizer",
     "verify_checkpoint",
     "vocab_fingerprint",
 ]
+
+# The transformers integration imports transformers (seconds): loaded on first use only.
+_HF_EXPORTS = frozenset({"EngramCache", "EngramForCausalLM", "EngramHFConfig", "export_run"})
+
+
+def __getattr__(name: str) -> object:
+    """``engramlm.EngramForCausalLM`` and friends import ``engramlm.hf`` when first asked for."""
+    if name in _HF_EXPORTS:
+        from engramlm import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'engramlm' has no attribute {name!r}")

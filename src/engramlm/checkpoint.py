@@ -12,7 +12,19 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<N:08d>/`` holding
                              ``torch.Generator`` state, the torch CPU/CUDA RNG states);
 - ``trainer.json``           step, trainer state (tokens seen, data loader state, ...), RNG
                              states, the resolved config, the tokenizer fingerprint;
-- ``manifest.json``          size and SHA-256 of every other file, written last.
+- ``tables/<module>/*.engt`` copies of file-backed Engram tables (the disk tier: weights and
+                             both Adam moments), one folder per table module; see below;
+- ``manifest.json``          size and checksum of every other file, written last.
+
+Disk tables (SPEC §5) are too big for a state dict, and training keeps rewriting their live
+files after a checkpoint, so the checkpoint holds a snapshot: at save time each store is
+flushed and its file copied into ``tables/`` (sparse-aware, one read + one write of the
+written data: O(table bytes) per checkpoint, seconds per GB). The manifest records each copy's
+size and the table file's own data checksum (``engt_crc32``: a CRC32 over 64 MiB chunk CRCs,
+computed during the copy) instead of a SHA-256, which would cost another full read. Loading
+copies the snapshot back into the live files (resume), or reads its weights into a table of
+another tier (serving). An undo log (cost O(rows touched since the checkpoint)) would scale
+better for tables of hundreds of GB; the snapshot was chosen for simplicity.
 
 Nothing is pickled: everything loads with safetensors and json, so a checkpoint from an
 untrusted source cannot run code.
@@ -56,6 +68,7 @@ OPTIMIZER_JSON = "optimizer.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_TENSORS, OPTIMIZER_JSON, TRAINER_TENSORS, TRAINER_JSON)
+TABLES_DIR = "tables"
 
 _STEP_RE = re.compile(r"step_(\d+)")
 _TMP_RE = re.compile(r"(?:step_\d+|latest)\.tmp-(\d+)(?:\..*)?")
@@ -123,6 +136,7 @@ def save_checkpoint(
     tmp.mkdir()
 
     _write_model(tmp / MODEL_FILE, model)
+    table_files = _write_table_files(tmp / TABLES_DIR, model)
     _write_optimizers(tmp, optimizers)
     trainer_tensors: dict[str, Tensor] = {}
     record = {
@@ -138,9 +152,13 @@ def save_checkpoint(
     _save_tensors(tmp / TRAINER_TENSORS, trainer_tensors)
     _write_json(tmp / TRAINER_JSON, record)
 
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+    files: dict[str, dict[str, Any]] = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(tmp.iterdir())
+        if p.is_file()
     }
+    for name, crc in table_files.items():
+        files[name] = {"bytes": (tmp / name).stat().st_size, "engt_crc32": crc}
     _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
     _fsync_path(tmp)
 
@@ -211,7 +229,7 @@ def load_checkpoint(
                 what="tokenizer",
             )
 
-    _read_model(path / MODEL_FILE, model, map_location)
+    _read_model(path / MODEL_FILE, model, map_location, tables=path / TABLES_DIR)
     if optimizers:
         _read_optimizers(path, optimizers, map_location)
     trainer_tensors, _ = _load_tensors(path / TRAINER_TENSORS, "cpu")
@@ -235,8 +253,9 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> None:
     """Check a checkpoint directory against its manifest; raise :class:`CheckpointError` if not.
 
     Catches: no manifest (the write never finished), a missing file, a size mismatch (a
-    truncated copy), a SHA-256 mismatch (corruption, a flipped bit), and a safetensors header
-    that does not parse. Every problem found is listed, each naming its file.
+    truncated copy), a SHA-256 mismatch (corruption, a flipped bit), a safetensors header
+    that does not parse, and a table snapshot whose header or data checksum (``engt_crc32``)
+    does not match. Every problem found is listed, each naming its file.
     """
     path = Path(path)
     if not path.is_dir():
@@ -264,6 +283,14 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> None:
             problems.append(
                 f"{name}: size mismatch, {kind}: manifest says {entry['bytes']} bytes, found {size}"
             )
+            continue
+        if "engt_crc32" in entry:
+            from engramlm.tables.disk import TableFileError, verify_snapshot
+
+            try:
+                verify_snapshot(file, entry["engt_crc32"])
+            except TableFileError as e:
+                problems.append(f"{name}: {e}")
             continue
         digest = _sha256(file)
         if digest != entry["sha256"]:
@@ -390,10 +417,50 @@ def _write_model(file: Path, model: nn.Module) -> None:
     _save_tensors(file, tensors, {"aliases": json.dumps(aliases, sort_keys=True)})
 
 
-def _read_model(file: Path, model: nn.Module, map_location: str | torch.device) -> None:
+def _write_table_files(directory: Path, model: nn.Module) -> dict[str, int]:
+    """Snapshot every file-backed table module (``has_files``) into ``directory/<module>/``.
+
+    -> {path relative to the checkpoint: data checksum}; {} when the model has none.
+    """
+    out: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        if not getattr(module, "has_files", False):
+            continue
+        folder = directory / module_name
+        for file, crc in module.save_files(folder).items():
+            out[f"{TABLES_DIR}/{module_name}/{file}"] = crc
+        _fsync_path(folder)
+    if out:
+        _fsync_path(directory)
+    return out
+
+
+def _read_model(
+    file: Path, model: nn.Module, map_location: str | torch.device, *, tables: Path
+) -> None:
+    """Load the state dict and the table snapshots under ``tables`` (if any).
+
+    A snapshot goes back into a file-backed table of the model (a resume: weights and moments
+    roll back to the checkpoint) or, for a table of another tier, its weights join the state
+    dict under ``<module>.weight``, the key every tier loads (moments are not carried over).
+    """
     state, meta = _load_tensors(file, map_location)
     for alias, name in json.loads(meta.get("aliases", "{}")).items():
         state[alias] = state[name]
+    for folder in sorted(tables.iterdir()) if tables.is_dir() else []:
+        try:
+            module = model.get_submodule(folder.name)
+        except AttributeError as e:
+            raise CheckpointError(f"{folder}: the model has no module {folder.name!r}") from e
+        from engramlm.tables.disk import TableFileError, snapshot_weights
+
+        try:
+            if getattr(module, "has_files", False):
+                module.load_files(folder)
+            else:
+                state[f"{folder.name}.weight"] = snapshot_weights(folder)
+        except TableFileError as e:
+            raise CheckpointError(str(e)) from e
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

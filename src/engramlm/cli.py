@@ -5,6 +5,7 @@
     engramlm generate --run runs/train --prompt "The list type" [--temperature 0.8]
     engramlm compare [--steps N] [--out runs/compare]
     engramlm tables export --run runs/train --out tables/
+    engramlm retrofit --model-dir hf_model/ --out runs/retrofit --steps 200 --engram.layer_ids=[1]
 
 A config file is TOML with ``[model]`` (``[model.engram]`` nested) and ``[train]`` tables; any
 field can be overridden with a dotted flag. Unknown keys are errors that list the known ones.
@@ -144,6 +145,31 @@ def cmd_tables_export(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"wrote {path}")
 
 
+def cmd_retrofit(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Add Engram to a local Hugging Face model folder and train only Engram (engramlm.retrofit)."""
+    from engramlm.retrofit import retrofit_pretrained
+
+    tree = apply_overrides({}, overrides)
+    if set(tree) - {"engram"}:
+        raise SystemExit(f"error: retrofit takes only --engram.* overrides, got {sorted(tree)}")
+    report = retrofit_pretrained(
+        args.model_dir,
+        args.out,
+        engram_overrides=tree.get("engram", {}),
+        data=args.data,
+        steps=args.steps,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        eval_batches=args.eval_batches,
+    )
+    print(
+        f"val loss {report['val_loss_before']:.4f} -> {report['val_loss_after']:.4f} nats after "
+        f"{report['steps']} Engram-only steps ({report['trainable_params']:,} parameters) "
+        f"-> {args.out}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="engramlm", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -181,6 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
     p.add_argument("--out", required=True, help="a new folder for the disk tables")
     p.set_defaults(fn=cmd_tables_export)
+
+    p = sub.add_parser("retrofit", help=cmd_retrofit.__doc__)
+    p.add_argument("--model-dir", required=True, help="a local save_pretrained folder")
+    p.add_argument("--out", required=True, help="folder for the Engram weights and report")
+    p.add_argument("--data", default="pydocs", help="named corpus, text file/folder or .jsonl")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.set_defaults(fn=cmd_retrofit)
 
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(

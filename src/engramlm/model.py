@@ -328,6 +328,7 @@ class Block(nn.Module):
                 sum(engram_moduli),
                 config.engram.head_dim,
                 name=f"engram_layer{layer_id}",
+                init=False,  # EngramLM.init_weights initialises it: rows written once
             )
             self.engram = Engram(config.engram, D, engram_moduli, table=table)
         self.attn_norm = nn.RMSNorm(D, eps=config.norm_eps)
@@ -504,6 +505,14 @@ class EngramLM(nn.Module):
     def engram_tables(self) -> list[Table]:
         """Every Engram layer's table, in layer order."""
         return [b.engram.table for b in self.layers if b.engram is not None]
+
+    def close_tables(self) -> None:
+        """Flush and release tables that hold files (disk tier), so they record their checksum
+        and unlock; idempotent. In-memory tables have nothing to release."""
+        for table in self.engram_tables():
+            close = getattr(table, "close", None)
+            if callable(close):
+                close()
 
     def engram_table_parameters(self) -> Iterator[nn.Parameter]:
         """The Engram tables' parameters (Adam, LR x5, no weight decay; SPEC §3); tables kept

@@ -13,7 +13,9 @@ couple unrelated rows).
 A run directory holds ``config.json`` (the resolved configs), ``metrics.jsonl`` and
 ``checkpoints/``. ``resume=True`` continues from the last good checkpoint so that the loss curve
 equals the uninterrupted run's bit for bit (fp32 on CPU): model, optimiser, RNG and data position
-are all restored, and the schedule is a pure function of the step.
+are all restored, and the schedule is a pure function of the step. Disk tables live in
+``<out_dir>/tables/``; each checkpoint holds a snapshot of their files (``engramlm.checkpoint``),
+and a resume rebuilds the live files from it, so they resume exactly too.
 """
 
 from __future__ import annotations
@@ -282,150 +284,152 @@ def train(
         "tokenizer_fingerprint": corpus.compressed_vocab.fingerprint,
     }
 
-    if resume and cfg.table_storage == "disk" and model_cfg.engram is not None:
-        # The table files hold the rows of the last step written, not of the checkpoint.
-        raise ValueError(
-            "resume with table_storage='disk' is not supported yet: disk tables are not "
-            "part of checkpoints; use 'host' or 'device' to resume exactly"
-        )
     tables_dir = cfg.table_plan.path
-    if tables_dir is not None and not resume and Path(tables_dir).exists():
-        logger.warning("starting from scratch: removing the old disk tables in %s", tables_dir)
+    if tables_dir is not None and Path(tables_dir).exists():
+        # The live files hold the rows of the last step written, not of any checkpoint: a
+        # resume rebuilds them and rolls them back to the checkpoint's snapshot.
+        why = "resuming from a checkpoint's snapshot" if resume else "starting from scratch"
+        logger.warning("%s: removing the live disk tables in %s", why, tables_dir)
         shutil.rmtree(tables_dir)
     torch.manual_seed(cfg.seed)
     vocab = corpus.compressed_vocab if model_cfg.engram else None
     model = EngramLM(model_cfg, vocab, tables=cfg.table_plan).to(device)
-    optimizers = build_optimizers(model, cfg)
-    train_batches = TrainBatches(
-        corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, hash_fn=model.compute_hash_ids
-    )
-    val_batches = ValBatches(
-        corpus.val,
-        cfg.batch_size,
-        cfg.seq_len,
-        max_batches=cfg.eval_batches,
-        hash_fn=model.compute_hash_ids,
-    )
-
-    start_step, tokens_seen, train_seconds = 0, 0, 0.0
-    ckpt = find_latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        logger.warning("--resume: no checkpoint under %s, starting from scratch", out)
-    if ckpt is not None:
-        saved = (
-            json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-        )
-        if saved:
-            check_compatible(saved.get("model", {}), configs["model"], what="model config")
-            check_compatible(
-                {"fingerprint": saved.get("tokenizer_fingerprint")},
-                {"fingerprint": configs["tokenizer_fingerprint"]},
-                what="tokenizer",
-            )
-        # The run directory, not ``ckpt``: falls back past checkpoints that fail verification.
-        state = load_checkpoint(out, model=model, optimizers=optimizers, map_location=device)
-        start_step, tokens_seen = int(state["step"]), int(state["tokens"])
-        train_seconds = float(state.get("train_seconds", 0.0))
-        train_batches.load_state_dict(state["data"])
-        logger.info("resumed from %s at step %d", state["path"], start_step)
-    (out / "config.json").write_text(json.dumps(configs, indent=2))
-    corpus.tokenizer.save(str(out / "tokenizer.json"))
-    corpus.compressed_vocab.save(out / "compressed_vocab.json")
-    metrics = MetricsLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
-
-    def save(step: int) -> None:
-        save_checkpoint(
-            out,
-            step,
-            model=model,
-            optimizers=optimizers,
-            trainer_state={
-                "step": step,
-                "tokens": tokens_seen,
-                "train_seconds": train_seconds,
-                "data": stream.state_dict(),
-            },
-            config=configs,
-            tokenizer_fingerprint=corpus.compressed_vocab.fingerprint,
-            keep=cfg.keep_checkpoints,
-        )
-
-    model.train()
-    dense_params = [p for p in model.dense_parameters() if p.requires_grad]
-    val_loss = float("nan")
-    last_load: list[list[float]] | None = None
-    bar = _progress(cfg.steps, start_step, progress)
-    stream = Prefetcher(train_batches, depth=2)
     try:
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            set_lr(optimizers, lr, cfg)
-            loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = next(stream).to(device)
-                with _autocast(cfg, device):
-                    loss = model(
-                        batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets
-                    ).loss
-                (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
-                tokens_seen += batch.input_ids.numel()
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip, foreach=False)
-            )
-            for opt in optimizers.values():
-                opt.step()
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            loads = model.update_moe_biases()
-            if loads:
-                last_load = [v.tolist() for v in loads.values()]
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-            row: dict[str, Any] = {
-                "step": step + 1,
-                "loss": loss_sum / cfg.grad_accum,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": tokens_seen,
-                "tokens_per_s": step_tokens / dt,
-                "time": train_seconds,
-            }
-            last = step + 1 == cfg.steps
-            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-                val_loss = evaluate(model, val_batches, cfg, device)
-                row["val_loss"] = val_loss
-                row["val_bpb"] = corpus.val.bits_per_byte(val_loss)
-            if (step + 1) % max(1, cfg.log_every) == 0 or "val_loss" in row or last:
-                metrics.write(row)
-            bar.set_postfix(
-                loss=f"{row['loss']:.3f}",
-                val=f"{val_loss:.3f}",
-                tok_s=f"{row['tokens_per_s']:.0f}",
-                refresh=False,
-            )
-            bar.update(1)
-            if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last:
-                save(step + 1)
-    finally:
-        stream.close()
-        bar.close()
+        optimizers = build_optimizers(model, cfg)
+        train_batches = TrainBatches(
+            corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, hash_fn=model.compute_hash_ids
+        )
+        val_batches = ValBatches(
+            corpus.val,
+            cfg.batch_size,
+            cfg.seq_len,
+            max_batches=cfg.eval_batches,
+            hash_fn=model.compute_hash_ids,
+        )
 
-    if start_step >= cfg.steps:  # resumed a finished run: evaluate what is there
-        val_loss = evaluate(model, val_batches, cfg, device)
-    result = TrainResult(
-        out_dir=str(out),
-        steps=cfg.steps,
-        tokens=tokens_seen,
-        val_loss=val_loss,
-        val_bpb=corpus.val.bits_per_byte(val_loss),
-        tokens_per_s=tokens_seen / train_seconds if train_seconds else float("nan"),
-        train_seconds=train_seconds,
-        history=metrics.rows,
-        expert_load=last_load,
-    )
+        start_step, tokens_seen, train_seconds = 0, 0, 0.0
+        ckpt = find_latest_checkpoint(out) if resume else None
+        if resume and ckpt is None:
+            logger.warning("--resume: no checkpoint under %s, starting from scratch", out)
+        if ckpt is not None:
+            saved = (
+                json.loads((out / "config.json").read_text())
+                if (out / "config.json").exists()
+                else {}
+            )
+            if saved:
+                check_compatible(saved.get("model", {}), configs["model"], what="model config")
+                check_compatible(
+                    {"fingerprint": saved.get("tokenizer_fingerprint")},
+                    {"fingerprint": configs["tokenizer_fingerprint"]},
+                    what="tokenizer",
+                )
+            # The run directory, not ``ckpt``: falls back past checkpoints that fail verification.
+            state = load_checkpoint(out, model=model, optimizers=optimizers, map_location=device)
+            start_step, tokens_seen = int(state["step"]), int(state["tokens"])
+            train_seconds = float(state.get("train_seconds", 0.0))
+            train_batches.load_state_dict(state["data"])
+            logger.info("resumed from %s at step %d", state["path"], start_step)
+        (out / "config.json").write_text(json.dumps(configs, indent=2))
+        corpus.tokenizer.save(str(out / "tokenizer.json"))
+        corpus.compressed_vocab.save(out / "compressed_vocab.json")
+        metrics = MetricsLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
+
+        def save(step: int) -> None:
+            save_checkpoint(
+                out,
+                step,
+                model=model,
+                optimizers=optimizers,
+                trainer_state={
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "train_seconds": train_seconds,
+                    "data": stream.state_dict(),
+                },
+                config=configs,
+                tokenizer_fingerprint=corpus.compressed_vocab.fingerprint,
+                keep=cfg.keep_checkpoints,
+            )
+
+        model.train()
+        dense_params = [p for p in model.dense_parameters() if p.requires_grad]
+        val_loss = float("nan")
+        last_load: list[list[float]] | None = None
+        bar = _progress(cfg.steps, start_step, progress)
+        stream = Prefetcher(train_batches, depth=2)
+        try:
+            for step in range(start_step, cfg.steps):
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg)
+                set_lr(optimizers, lr, cfg)
+                loss_sum = 0.0
+                for _ in range(cfg.grad_accum):
+                    batch = next(stream).to(device)
+                    with _autocast(cfg, device):
+                        loss = model(
+                            batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets
+                        ).loss
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += float(loss.detach())
+                    tokens_seen += batch.input_ids.numel()
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip, foreach=False)
+                )
+                for opt in optimizers.values():
+                    opt.step()
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                loads = model.update_moe_biases()
+                if loads:
+                    last_load = [v.tolist() for v in loads.values()]
+                dt = time.perf_counter() - t0
+                train_seconds += dt
+                step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+                row: dict[str, Any] = {
+                    "step": step + 1,
+                    "loss": loss_sum / cfg.grad_accum,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens_seen,
+                    "tokens_per_s": step_tokens / dt,
+                    "time": train_seconds,
+                }
+                last = step + 1 == cfg.steps
+                if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                    val_loss = evaluate(model, val_batches, cfg, device)
+                    row["val_loss"] = val_loss
+                    row["val_bpb"] = corpus.val.bits_per_byte(val_loss)
+                if (step + 1) % max(1, cfg.log_every) == 0 or "val_loss" in row or last:
+                    metrics.write(row)
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}",
+                    val=f"{val_loss:.3f}",
+                    tok_s=f"{row['tokens_per_s']:.0f}",
+                    refresh=False,
+                )
+                bar.update(1)
+                if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last:
+                    save(step + 1)
+        finally:
+            stream.close()
+            bar.close()
+
+        if start_step >= cfg.steps:  # resumed a finished run: evaluate what is there
+            val_loss = evaluate(model, val_batches, cfg, device)
+        result = TrainResult(
+            out_dir=str(out),
+            steps=cfg.steps,
+            tokens=tokens_seen,
+            val_loss=val_loss,
+            val_bpb=corpus.val.bits_per_byte(val_loss),
+            tokens_per_s=tokens_seen / train_seconds if train_seconds else float("nan"),
+            train_seconds=train_seconds,
+            history=metrics.rows,
+            expert_load=last_load,
+        )
+    finally:
+        model.close_tables()  # disk tables: flushed, checksummed, unlocked
     (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result
 
@@ -474,20 +478,14 @@ def export_tables(run_dir: str | Path, out: str | Path) -> list[Path]:
     from disk (SPEC §5). The tables are written row chunk by row chunk as the checkpoint
     loads; optimiser moments are not exported.
     """
-    from engramlm.tables.disk import DiskStore
-
     plan = TablePlan("disk", path=str(out))
     if Path(out).exists() and any(Path(out).iterdir()):
         raise FileExistsError(f"{out} is not empty; export into a new folder")
     model, _ = load_run(run_dir, tables=plan)
     paths = []
+    model.close_tables()  # flushes and records each file's checksum
     for block in model.layers:
         if block.engram is not None:
-            table = block.engram.table
-            assert isinstance(table, OffloadedTable)  # the plan asked for disk tables
-            for store in table.stores:
-                assert isinstance(store, DiskStore)
-                store.close()  # flushes and records the file checksum
             paths.append(Path(out) / f"engram_layer{block.layer_id}")
     logger.info("exported %d tables from %s to %s", len(paths), run_dir, out)
     return paths

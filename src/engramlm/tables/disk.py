@@ -51,6 +51,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,147 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _parse_header(path: Path, raw: bytes) -> tuple[int, int, int, int, int]:
+    """Validate a header read from ``path`` -> (dtype code, num_rows, dim, data crc, crc state)."""
+    if len(raw) < _HEADER.size + _HEADER_CRC.size:
+        raise TableFileError(f"{path}: truncated: {len(raw)} bytes, shorter than a header")
+    fields = raw[: _HEADER.size]
+    magic, version, code, num_rows, dim, offset, crc, state = _HEADER.unpack(fields)
+    if magic != MAGIC:
+        raise TableFileError(f"{path}: not an engramlm table (magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise TableFileError(
+            f"{path}: format version {version}, this engramlm reads {FORMAT_VERSION}"
+        )
+    (stored,) = _HEADER_CRC.unpack(raw[_HEADER.size : _HEADER.size + _HEADER_CRC.size])
+    if zlib.crc32(fields) != stored:
+        raise TableFileError(f"{path}: header checksum mismatch (corrupt header)")
+    if code not in _DTYPES or offset != DATA_OFFSET or num_rows < 1 or dim < 1:
+        raise TableFileError(
+            f"{path}: bad header (dtype code {code}, offset {offset}, shape [{num_rows}, {dim}])"
+        )
+    return code, int(num_rows), int(dim), crc, state
+
+
+def _extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """[start, end) of a sparse file as (offset, length, holds data) runs, via SEEK_DATA/HOLE."""
+    if not hasattr(os, "SEEK_DATA"):
+        yield start, end - start, True
+        return
+    pos = start
+    while pos < end:
+        try:
+            data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+        except OSError:  # ENXIO: no data at or after pos
+            data = end
+        if data > pos:
+            yield pos, data - pos, False
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data, True
+        pos = hole
+
+
+def _copy_data(src_fd: int, dst_fd: int | None, end: int, *, dst_is_new: bool = False) -> int:
+    """The data checksum of ``src_fd``'s rows [DATA_OFFSET, end); copies them into ``dst_fd``.
+
+    One pass, 64 MiB chunks: the checksum (a CRC32 of the chunks' CRC32s) and the copy come
+    from the same read. Holes of the sparse source are not read (their CRC is over zeros) and,
+    when ``dst_is_new`` (a fresh sparse file of size ``end``), not written: copies stay as
+    sparse as the source and a mostly-unwritten table costs milliseconds. Otherwise a source
+    hole is written as zeros where the destination holds data.
+    """
+    chunk_crcs, offset = [], DATA_OFFSET
+    while offset < end:
+        size = min(_CRC_CHUNK, end - offset)
+        if _is_hole(src_fd, offset, size):
+            chunk_crcs.append(_zeros_crc(size))
+            if dst_fd is not None and not dst_is_new and not _is_hole(dst_fd, offset, size):
+                _write_all(dst_fd, _zeros(size), offset)
+            offset += size
+            continue
+        crc = 0
+        for pos, length, has_data in _extents(src_fd, offset, offset + size):
+            if has_data:
+                data = os.pread(src_fd, length, pos)
+                if len(data) != length:
+                    raise OSError(f"short read: {len(data)} of {length} bytes at offset {pos}")
+            else:
+                data = _zeros(length)
+            crc = zlib.crc32(data, crc)
+            if dst_fd is not None and (has_data or not dst_is_new):
+                _write_all(dst_fd, data, pos)
+        chunk_crcs.append(crc)
+        offset += size
+    return zlib.crc32(np.array(chunk_crcs, dtype="<u4").tobytes())
+
+
+@functools.cache
+def _zero_chunk() -> bytes:
+    return bytes(_CRC_CHUNK)
+
+
+def _zeros(size: int) -> memoryview:
+    return memoryview(_zero_chunk())[:size]
+
+
+def _read_snapshot_header(path: Path) -> tuple[int, int, int, int]:
+    """(dtype code, num_rows, dim, data crc) of a snapshot; refuses one without a valid crc."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_HEADER.size + _HEADER_CRC.size)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise TableFileError(f"{path}: unreadable table snapshot ({e})") from e
+    code, num_rows, dim, crc, state = _parse_header(path, raw)
+    expected = DATA_OFFSET + num_rows * dim * _DTYPES[code][1].itemsize
+    if size != expected:
+        raise TableFileError(
+            f"{path}: file is {size} bytes but its header implies {expected}; truncated"
+        )
+    if state != _CRC_VALID:
+        raise TableFileError(f"{path}: records no data checksum; not a complete snapshot")
+    return code, num_rows, dim, crc
+
+
+def verify_snapshot(path: str | os.PathLike[str], expected_crc: int) -> None:
+    """Check a table snapshot (written by :meth:`DiskStore.snapshot`) against the data checksum
+    a checkpoint manifest recorded for it; raise :class:`TableFileError` naming the file.
+
+    Reads every data byte (holes skipped): seconds per GB, like a checkpoint's SHA-256.
+    """
+    path = Path(path)
+    _, _, _, stored = _read_snapshot_header(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        actual = _copy_data(fd, None, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    if actual != expected_crc or stored != expected_crc:
+        raise TableFileError(
+            f"{path}: data checksum mismatch (corrupt table snapshot): recorded "
+            f"{expected_crc:#010x}, header {stored:#010x}, computed {actual:#010x}"
+        )
+
+
+def snapshot_weights(directory: str | os.PathLike[str]) -> Tensor:
+    """The [num_rows, dim] float32 weights of a :func:`disk_table` snapshot in ``directory``.
+
+    What serving a disk-trained checkpoint from another tier reads: a float32 file is mapped
+    (copy-on-write, so nothing is read until the rows are copied into the target table).
+    """
+    path = Path(directory) / f"{_STORE_FILES[0]}.engt"
+    code, num_rows, dim, _ = _read_snapshot_header(path)
+    torch_dtype, np_dtype = _DTYPES[code]
+    rows = np.memmap(path, dtype=np_dtype, mode="c", offset=DATA_OFFSET, shape=(num_rows, dim))
+    if torch_dtype == torch.bfloat16:
+        return (
+            torch.from_numpy(np.ascontiguousarray(rows).view(np.int16)).view(torch.bfloat16).float()
+        )
+    return torch.from_numpy(rows).float()
 
 
 class FrequencySketch:
@@ -298,25 +440,8 @@ class DiskStore:
 
     def _read_header(self) -> None:
         raw = os.pread(self._fd, _HEADER.size + _HEADER_CRC.size, 0)
-        if len(raw) < _HEADER.size + _HEADER_CRC.size:
-            raise TableFileError(f"{self.path}: truncated: {len(raw)} bytes, shorter than a header")
-        fields = raw[: _HEADER.size]
-        magic, version, code, num_rows, dim, offset, crc, state = _HEADER.unpack(fields)
-        if magic != MAGIC:
-            raise TableFileError(f"{self.path}: not an engramlm table (magic {magic!r})")
-        if version != FORMAT_VERSION:
-            raise TableFileError(
-                f"{self.path}: format version {version}, this engramlm reads {FORMAT_VERSION}"
-            )
-        (stored,) = _HEADER_CRC.unpack(raw[_HEADER.size :])
-        if zlib.crc32(fields) != stored:
-            raise TableFileError(f"{self.path}: header checksum mismatch (corrupt header)")
-        if code not in _DTYPES or offset != DATA_OFFSET or num_rows < 1 or dim < 1:
-            raise TableFileError(
-                f"{self.path}: bad header (dtype code {code}, offset {offset}, "
-                f"shape [{num_rows}, {dim}])"
-            )
-        self.num_rows, self.dim = int(num_rows), int(dim)
+        code, num_rows, dim, crc, state = _parse_header(self.path, raw)
+        self.num_rows, self.dim = num_rows, dim
         self._code = code
         self.dtype, self._np_dtype = _DTYPES[code]
         self._shape = (self.num_rows, self.dim)
@@ -343,16 +468,9 @@ class DiskStore:
         file (``SEEK_DATA`` skips past it) is zeros and its CRC is computed once, not read -
         closing a mostly-unwritten 20 GB table costs milliseconds, not a 20 GB read.
         """
-        chunk_crcs, offset, end = [], DATA_OFFSET, os.fstat(self._fd).st_size
+        end = os.fstat(self._fd).st_size
         start = time.perf_counter()
-        while offset < end:
-            size = min(_CRC_CHUNK, end - offset)
-            if _is_hole(self._fd, offset, size):
-                chunk_crcs.append(_zeros_crc(size))
-            else:
-                chunk_crcs.append(zlib.crc32(os.pread(self._fd, size, offset)))
-            offset += size
-        crc = zlib.crc32(np.array(chunk_crcs, dtype="<u4").tobytes())
+        crc = _copy_data(self._fd, None, end)
         elapsed = time.perf_counter() - start
         log.debug("%s: checksum of %.2f GB in %.1fs", self.path, end / 1e9, elapsed)
         return crc
@@ -542,10 +660,86 @@ class DiskStore:
         """Write every dirty cached row back (one journaled batch), then checkpoint."""
         with self._lock:
             self._check_open()
-            dirty = np.flatnonzero(self._slot_dirty[: self._used])
-            self._write_back(self._slot_row[dirty], self._slot_data[dirty])
-            self._slot_dirty[dirty] = False
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        dirty = np.flatnonzero(self._slot_dirty[: self._used])
+        self._write_back(self._slot_row[dirty], self._slot_data[dirty])
+        self._slot_dirty[dirty] = False
+        if self._journal_bytes:  # else every in-place write is synced already: skip the fsyncs
             self._checkpoint()
+
+    def snapshot(self, dest: str | os.PathLike[str]) -> int:
+        """Copy the rows as they are now into a new file ``dest``; -> its data checksum.
+
+        For training checkpoints (``engramlm.checkpoint``): the live file keeps changing after
+        a checkpoint, so the checkpoint holds a copy. Flushes first; the copy is sparse where
+        this file is, carries the data checksum in its header (so it is itself a valid, closed
+        table file) and is fsync'd. Costs one read of the written data and one write of it:
+        O(table bytes) per checkpoint, seconds per GB. Writers wait meanwhile (the lock).
+        """
+        dest = Path(dest)
+        with self._lock:
+            self._check_open()
+            self._flush_locked()
+            end = os.fstat(self._fd).st_size
+            fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.ftruncate(fd, end)
+                crc = _copy_data(self._fd, fd, end, dst_is_new=True)
+                header = _header_bytes(self._code, self.num_rows, self.dim, crc, _CRC_VALID)
+                _write_all(fd, header, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        log.debug("%s: snapshot to %s (crc %#010x)", self.path, dest, crc)
+        return crc
+
+    def restore(self, snapshot: str | os.PathLike[str]) -> None:
+        """Make every row what it is in ``snapshot`` (a file from :meth:`snapshot`), in place.
+
+        Resuming a run rolls the live file back to its checkpoint this way. Cached rows (dirty
+        ones included) and the journal are dropped: they are newer than the snapshot. The data
+        checksum is marked stale first, so an interrupted restore leaves a file that says so;
+        running the restore again completes it (the snapshot is only read). Refuses a snapshot
+        of another shape or dtype, or whose data does not match its checksum (naming it).
+        """
+        snapshot = Path(snapshot)
+        code, num_rows, dim, expected = _read_snapshot_header(snapshot)
+        if (code, num_rows, dim) != (self._code, self.num_rows, self.dim):
+            raise TableFileError(
+                f"{snapshot}: [{num_rows}, {dim}] {_DTYPES[code][0]} snapshot, but {self.path} "
+                f"is [{self.num_rows}, {self.dim}] {self.dtype}"
+            )
+        src = os.open(snapshot, os.O_RDONLY)
+        try:
+            with self._lock:
+                self._check_open()
+                self._drop_cache()
+                os.ftruncate(self._jfd, 0)  # older than the snapshot: must never be replayed
+                os.fsync(self._jfd)
+                self._journal_bytes = 0
+                self._begin_writes()
+                actual = _copy_data(src, self._fd, os.fstat(self._fd).st_size)
+                os.fsync(self._fd)
+        finally:
+            os.close(src)
+        if actual != expected:
+            raise TableFileError(
+                f"{snapshot}: data checksum mismatch (corrupt table snapshot): header "
+                f"{expected:#010x}, computed {actual:#010x}"
+            )
+        log.info("%s: restored from %s", self.path, snapshot)
+
+    def _drop_cache(self) -> None:
+        """Forget every cached row without writing it back."""
+        self._slot_row[:] = -1
+        self._slot_dirty[:] = False
+        self._slot_freq[:] = 0
+        self._used = 0
+        self._keys = np.empty(0, dtype=np.int64)
+        self._key_slots = np.empty(0, dtype=np.int64)
+        self._sketch = FrequencySketch(self.capacity)
 
     def close(self) -> None:
         """Flush, record the data checksum if anything was written, release the file."""
@@ -689,16 +883,18 @@ def disk_table(
     cache_bytes: int,
     device: torch.device | str | None = "cpu",
     create: bool = True,
+    init: bool = True,
 ) -> OffloadedTable:
     """An :class:`OffloadedTable` over three :class:`DiskStore` files in directory ``path``.
 
     ``path/weight.engt``, ``path/exp_avg.engt``, ``path/exp_avg_sq.engt`` (plus their journals):
     one directory per table keeps the row-aligned stores together. ``cache_bytes`` is split half
     to the weights (read by every lookup and every step), a quarter to each moment (read only
-    by the optimiser). ``create=True`` makes new files (refusing to overwrite) and initialises
-    them with ``reset_parameters()``; ``create=False`` opens existing files and checks the shape.
-    ``device`` is where rows are delivered (``None``: the device of the ids, as in
-    :class:`OffloadedTable`).
+    by the optimiser). ``create=True`` makes new files (refusing to overwrite) and, with
+    ``init``, initialises them with ``reset_parameters()`` (``init=False`` leaves zeros for a
+    caller that initialises the whole model itself, so the rows are written once);
+    ``create=False`` opens existing files and checks the shape. ``device`` is where rows are
+    delivered (``None``: the device of the ids, as in :class:`OffloadedTable`).
     """
     directory = Path(path)
     files = [directory / f"{name}.engt" for name in _STORE_FILES]
@@ -713,11 +909,13 @@ def disk_table(
         stores = [DiskStore.open(f, cache_bytes=b) for f, b in zip(files, budgets, strict=True)]
         for store in stores:
             if (store.num_rows, store.dim) != (num_rows, dim):
+                for s in stores:
+                    s.close()
                 raise ValueError(
                     f"{store.path} is [{store.num_rows}, {store.dim}], expected [{num_rows}, {dim}]"
                 )
     table = OffloadedTable(*stores, device=device)
-    if create:
+    if create and init:
         table.reset_parameters()
         table.flush()
     return table

@@ -14,7 +14,10 @@ in-memory :class:`~engramlm.tables.DeviceTable` trained with ``SparseAdam``.
 Checkpoints: the weights appear in the module's state dict under ``weight`` (the key a
 ``DeviceTable`` uses, so a model file does not depend on the backend) and the moments in
 ``TableAdam.state_dict()`` (SparseAdam's layout), but only for stores resident in memory
-(:class:`MemoryStore`); other tiers are flushed and keep their contents in their own files.
+(:class:`MemoryStore`). File-backed stores (:class:`FileRowStore`, the disk tier) are too big
+for a state dict and keep changing after a checkpoint: ``engramlm.checkpoint`` copies their
+files into the checkpoint (:meth:`OffloadedTable.save_files`) and copies them back on resume
+(:meth:`OffloadedTable.load_files`).
 
 A backend only implements :class:`RowStore` (read and write rows by id; reads may come from
 the prefetch thread while the main thread reads too); caching, pinning, files and journals are
@@ -29,6 +32,7 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -62,6 +66,29 @@ class RowStore(Protocol):
 
     def flush(self) -> None:
         """Make every write durable (a no-op for memory)."""
+        ...
+
+
+@runtime_checkable
+class FileRowStore(RowStore, Protocol):
+    """A :class:`RowStore` whose rows live in a file that outlives the process (the disk tier).
+
+    Its file keeps changing as training goes on, so a checkpoint copies it (``snapshot``) and a
+    resume copies the checkpoint's copy back (``restore``).
+    """
+
+    path: Path
+
+    def snapshot(self, dest: Path) -> int:
+        """Copy the current rows into the new file ``dest`` -> its data checksum."""
+        ...
+
+    def restore(self, snapshot: Path) -> None:
+        """Make every row what it is in ``snapshot``."""
+        ...
+
+    def close(self) -> None:
+        """Flush, record the file's checksum, release it."""
         ...
 
 
@@ -167,6 +194,7 @@ class OffloadedTable(nn.Module):
         self._prefetched: list[_Prefetch] = []
         self._copy_streams: dict[torch.device, Any] = {}
         self.prefetch_hits = self.prefetch_misses = 0  # lookups served by a prefetch, or not
+        self._closed = False
 
     @property
     def stores(self) -> tuple[RowStore, RowStore, RowStore]:
@@ -299,6 +327,56 @@ class OffloadedTable(nn.Module):
     def flush(self) -> None:
         for store in self.stores:
             store.flush()
+
+    def close(self) -> None:
+        """Flush and release the stores: disk files record their data checksum and unlock.
+
+        Idempotent. Training calls it at the end of a run; afterwards the table is unusable
+        (a disk store refuses reads) until rebuilt.
+        """
+        if self._closed:
+            return
+        self._invalidate()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        for store in self.stores:
+            if isinstance(store, FileRowStore):
+                store.close()
+            else:
+                store.flush()
+        self._closed = True
+
+    @property
+    def has_files(self) -> bool:
+        """Whether the rows and moments live in files, which checkpoints then copy
+        (:meth:`save_files`) instead of putting them in the state dicts."""
+        return all(isinstance(store, FileRowStore) for store in self.stores)
+
+    def save_files(self, directory: Path) -> dict[str, int]:
+        """Snapshot the weights and both moments into the new folder ``directory``.
+
+        -> {file name: data checksum}, for the checkpoint's manifest. O(table bytes).
+        """
+        self._invalidate()
+        directory.mkdir(parents=True)
+        return {
+            store.path.name: store.snapshot(directory / store.path.name)
+            for store in self._file_stores()
+        }
+
+    def load_files(self, directory: Path) -> None:
+        """Roll the weights and moments back to a :meth:`save_files` snapshot in ``directory``."""
+        self._invalidate()
+        self.pending.clear()
+        for store in self._file_stores():
+            store.restore(directory / store.path.name)
+
+    def _file_stores(self) -> list[FileRowStore]:
+        stores = [s for s in self.stores if isinstance(s, FileRowStore)]
+        if len(stores) != len(self.stores):
+            raise TypeError(f"{self.extra_repr()}: only file-backed stores have files to copy")
+        return stores
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         weight = resident(self.weight_store)

@@ -62,29 +62,44 @@ def build_table(
     *,
     name: str,
     device: torch.device | str | None = None,
+    init: bool = True,
 ) -> Table:
-    """A freshly initialised [num_rows, dim] table placed as ``plan`` says.
+    """A [num_rows, dim] table placed as ``plan`` says, initialised unless ``init=False``.
 
     ``name`` identifies the table within a model (its file under ``plan.path`` for disk).
     ``device`` is where offloaded tables deliver rows; ``None`` follows the ids passed to
     ``lookup``; a device table is built on the CPU (or ``device``) and moves with ``model.to``.
+    ``init=False`` draws nothing from the RNG and writes no rows: for a caller that then
+    initialises every table itself (``EngramLM.init_weights``), so a disk table's rows are
+    written once, and every tier consumes the RNG alike (same seed, same initial weights).
     """
     if num_rows < 1 or dim < 1:
         raise ValueError(f"table shape must be positive, got num_rows={num_rows}, dim={dim}")
     if plan.kind == "device":
-        table = DeviceTable(num_rows, dim)
+        if init:
+            table = DeviceTable(num_rows, dim)
+        else:
+            with torch.device("meta"):  # the constructor's normal_ draws nothing on meta
+                table = DeviceTable(num_rows, dim)
+            table = table.to_empty(device=torch.get_default_device())
         return table if device is None else table.to(device)
     if plan.kind == "host":
         stores = [MemoryStore(num_rows, dim) for _ in range(3)]  # weight, exp_avg, exp_avg_sq
         table = OffloadedTable(*stores, device=device)
-        table.reset_parameters()  # draws what DeviceTable's constructor draws: same RNG stream
+        if init:
+            table.reset_parameters()  # draws what DeviceTable's constructor draws: same RNG
         return table
     from engramlm.tables.disk import disk_table
 
     assert plan.path is not None  # TablePlan validates it
     Path(plan.path).mkdir(parents=True, exist_ok=True)
     return disk_table(
-        Path(plan.path) / name, num_rows, dim, cache_bytes=plan.cache_mb << 20, device=device
+        Path(plan.path) / name,
+        num_rows,
+        dim,
+        cache_bytes=plan.cache_mb << 20,
+        device=device,
+        init=init,
     )
 
 

@@ -1,0 +1,273 @@
+"""Engram retrofitted into Hugging Face causal LMs (engramlm.retrofit; SPEC §2.7).
+
+Tiny models built from config objects (no downloads) with a tiny byte-level BPE trained on real
+Python documentation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from engramlm import EngramConfig, TokenizerMismatchError  # noqa: E402
+from engramlm.data import EOS_TOKEN, PAD_TOKEN, Document, train_tokenizer  # noqa: E402
+from engramlm.retrofit import (  # noqa: E402
+    EngramDecoderLayer,
+    engram_modules,
+    engram_parameters,
+    load_retrofit,
+    retrofit,
+    save_retrofit,
+    train_retrofit,
+)
+
+PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
+VOCAB = 512
+ARCHS = ["llama", "qwen2", "gpt2"] + (["qwen3"] if hasattr(transformers, "Qwen3Config") else [])
+ENGRAM = EngramConfig.preset("tiny", pad_id=1)  # <pad> of train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[Document]:
+    """Sixty real documents of Python's library reference."""
+    files = sorted(PYDOCS_LIBRARY.glob("*.rst.txt"))[:60]
+    if not files:
+        pytest.skip("python3.11-doc is not installed: run `make data`")
+    return [Document(p.name, p.read_text(encoding="utf-8")) for p in files]
+
+
+def _wrap(tokenizer: object) -> transformers.PreTrainedTokenizerFast:
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(docs: list[Document], tmp_path_factory: pytest.TempPathFactory):
+    return _wrap(train_tokenizer(docs, VOCAB, tmp_path_factory.mktemp("tok")))
+
+
+def build(arch: str, vocab_size: int = VOCAB, num_layers: int = 2) -> torch.nn.Module:
+    """A tiny, seeded, eval-mode HF causal LM of ``arch``."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    decoder = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **common,
+    )
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**decoder))
+    elif arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**decoder))
+    elif arch == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **decoder))
+    else:
+        config = transformers.GPT2Config(
+            n_embd=64, n_layer=num_layers, n_head=4, n_positions=256, **common
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    return model.eval()
+
+
+def _ids(batch: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _activate(model: torch.nn.Module) -> None:
+    """Make every Engram non-zero: random W_V and short-conv filters (conv state matters)."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for engram in engram_modules(model).values():
+            w = engram.value_proj.weight
+            w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
+            c = engram.short_conv.weight
+            c.copy_(torch.randn(c.shape, generator=gen) * 0.3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_unchanged_at_init(arch: str, tokenizer) -> None:
+    model = build(arch)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        retrofit(model, tokenizer, ENGRAM)
+        after = model(ids).logits
+    assert isinstance(
+        model.base_model.get_submodule("layers" if arch != "gpt2" else "h")[1], EngramDecoderLayer
+    )
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_only_engram_parameters_require_grad(arch: str, tokenizer) -> None:
+    model = retrofit(build(arch), tokenizer, ENGRAM)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable and trainable == {id(p) for p in engram_parameters(model)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engram_only_training_lowers_validation_loss(arch: str, tokenizer, docs) -> None:
+    model = retrofit(build(arch), tokenizer, ENGRAM)
+    base = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    report = train_retrofit(
+        model,
+        tokenizer,
+        data=docs,
+        steps=30,
+        lr=3e-3,
+        seq_len=64,
+        batch_size=8,
+        warmup_steps=3,
+        eval_batches=4,
+    )
+    unchanged = all(torch.equal(base[n], p) for n, p in model.named_parameters() if n in base)
+    assert unchanged and report["val_loss_after"] < report["val_loss_before"] - 0.02, report
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_generate_matches_full_forward_recomputation(arch: str, tokenizer) -> None:
+    model = retrofit(build(arch), tokenizer, ENGRAM)
+    _activate(model)
+    prompt = _ids(length=7)
+    out = model.generate(
+        prompt,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=1,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    seq, logits = prompt, []
+    with torch.no_grad():
+        for _ in range(12):
+            last = model(seq, use_cache=False).logits[:, -1]  # [B, V], no KV cache
+            logits.append(last)
+            seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out.sequences, seq)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(logits))
+
+
+def test_engram_changes_the_output_once_non_zero(tokenizer) -> None:
+    """The decode test above would be vacuous if an active Engram left the logits unchanged."""
+    model, ids = build("llama"), _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        retrofit(model, tokenizer, ENGRAM)
+        _activate(model)
+        after = model(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
+def test_decoding_a_foreign_cache_is_refused(tokenizer) -> None:
+    model = retrofit(build("llama"), tokenizer, ENGRAM)
+    ids = _ids()
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        model(ids[:, :3])  # a new, shorter sequence resets the decode state
+        with pytest.raises(RuntimeError, match="decode state covers 3 tokens"):
+            model(ids[:, -1:], cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_gives_identical_logits(arch: str, tokenizer, tmp_path: Path) -> None:
+    model = retrofit(build(arch), tokenizer, ENGRAM)
+    _activate(model)
+    save_retrofit(model, tmp_path)
+    loaded = load_retrofit(build(arch), tokenizer, tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_load_refuses_another_tokenizer(tokenizer, docs, tmp_path: Path) -> None:
+    save_retrofit(retrofit(build("llama"), tokenizer, ENGRAM), tmp_path / "rf")
+    other = _wrap(train_tokenizer(docs[:30], VOCAB, tmp_path / "tok"))
+    with pytest.raises(TokenizerMismatchError, match="fingerprint"):
+        load_retrofit(build("llama"), other, tmp_path / "rf")
+
+
+def test_training_refuses_another_tokenizer(tokenizer, docs, tmp_path: Path) -> None:
+    model = retrofit(build("llama"), tokenizer, ENGRAM)
+    other = _wrap(train_tokenizer(docs[:30], VOCAB, tmp_path))
+    with pytest.raises(TokenizerMismatchError, match="fingerprint"):
+        train_retrofit(model, other, data=docs, steps=1)
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tokenizer) -> None:
+    with pytest.raises(TokenizerMismatchError, match="512 ids but the model embeds only 300"):
+        retrofit(build("llama", vocab_size=300), tokenizer, ENGRAM)
+
+
+def test_padded_embedding_rows_get_their_own_compressed_ids(tokenizer) -> None:
+    model = retrofit(build("llama", vocab_size=VOCAB + 8), tokenizer, ENGRAM)
+    lookup = model.engram_retrofit.compress_lookup
+    assert lookup[VOCAB:].tolist() == list(range(int(lookup[:VOCAB].max()) + 1, lookup.max() + 1))
+
+
+def test_layer_id_out_of_range_is_refused(tokenizer) -> None:
+    config = EngramConfig.preset("tiny", pad_id=1, layer_ids=(1, 5))
+    with pytest.raises(ValueError, match=r"layer_ids\[1\]=5 is out of range.*\[0, 2\)"):
+        retrofit(build("llama"), tokenizer, config)
+
+
+def test_several_residual_branches_are_refused(tokenizer) -> None:
+    with pytest.raises(ValueError, match="hc_mult=4"):
+        retrofit(build("gpt2"), tokenizer, EngramConfig.preset("tiny", pad_id=1, hc_mult=4))
+
+
+def test_retrofitting_twice_is_refused(tokenizer) -> None:
+    model = retrofit(build("llama"), tokenizer, ENGRAM)
+    with pytest.raises(ValueError, match="already retrofitted"):
+        retrofit(model, tokenizer, ENGRAM)
+
+
+def test_cli_retrofits_a_saved_model_dir(tokenizer, docs, tmp_path: Path) -> None:
+    from engramlm.cli import main
+
+    model_dir, data = tmp_path / "model", tmp_path / "data"
+    build("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data.mkdir()
+    for doc in docs[:20]:
+        (data / doc.name).write_text(doc.text)
+    main(
+        [
+            "retrofit",
+            "--model-dir",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--steps",
+            "3",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--eval-batches",
+            "2",
+            "--data",
+            str(data),
+            "--engram.table_sizes=[211,223]",
+        ]
+    )
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["steps"] == 3 and report["engram"]["table_sizes"] == [211, 223]
+    loaded = load_retrofit(build("llama"), tokenizer, tmp_path / "out")
+    assert set(engram_modules(loaded)) == {1}
+
+
+def test_wrapped_layer_outside_a_model_forward_is_refused(tokenizer) -> None:
+    model = retrofit(build("llama"), tokenizer, ENGRAM)
+    with torch.no_grad():
+        model(_ids())
+        with pytest.raises(RuntimeError, match="no hash ids"):
+            model.model.layers[1](torch.zeros(2, 24, 64))
