@@ -328,3 +328,28 @@ def test_disk_table_trains_like_sparse_adam(tmp_path: Path) -> None:
         store.close()
     reopened = disk_table(tmp_path / "table", num_rows, DIM, cache_bytes=0, create=False)
     assert torch.equal(reopened.weight_store.read(all_rows), reference.weight.detach())
+
+
+def test_write_range_overrides_cached_and_journaled_rows(tmp_path: Path) -> None:
+    path = tmp_path / "t.engt"
+    with DiskStore.create(path, 100, 4, cache_bytes=1 << 20) as store:
+        store.write(torch.arange(10, 20), torch.full((10, 4), 7.0))  # dirty in the cache
+        bulk = torch.arange(200.0).view(50, 4)
+        store.write_range(5, bulk)  # rows 5..54
+        assert torch.equal(store.read(torch.arange(5, 55)), bulk)
+        assert torch.equal(store.read(torch.arange(0, 5)), torch.zeros(5, 4))
+    with DiskStore.open(path, verify=True) as store:  # replaying the journal changes nothing
+        assert torch.equal(store.read(torch.arange(5, 55)), bulk)
+
+
+def test_zero_leaves_zeros_and_a_sparse_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.engt"
+    rows = 1 << 16
+    with DiskStore.create(path, rows, 16, cache_bytes=1 << 16) as store:
+        store.write_range(0, torch.ones(rows, 16))
+        store.write(torch.tensor([3]), torch.full((1, 16), 2.0))
+        store.zero_()
+        assert not store.read(torch.tensor([0, 3, rows - 1])).any()
+    assert path.stat().st_blocks * 512 < rows * 16 * 4 // 8  # the 4 MB of rows are holes again
+    with DiskStore.open(path, verify=True) as store:
+        assert not store.read(torch.arange(rows)).any()

@@ -46,6 +46,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -366,6 +367,9 @@ class DiskStore:
         self._mm = np.memmap(
             path, dtype=self._np_dtype, mode="r+", offset=DATA_OFFSET, shape=self._shape
         )
+        # Row reads are random: without this the kernel's read-ahead (often MBs) turns every
+        # missed 128-byte row into megabytes of I/O (measured: 95.8 GB read for 9 steps).
+        self._mm._mmap.madvise(mmap.MADV_RANDOM)
         self._lock = threading.Lock()
         self._written = False  # since open: the data checksum is stale once this is set
         self._closed = False
@@ -656,6 +660,46 @@ class DiskStore:
                 index = miss[first]
                 self._install(missed, v[index], freq[index], hit_slots, dirty=True)
 
+    def write_range(self, start: int, values: Tensor) -> None:
+        """Store [n, dim] ``values`` at rows [start, start + n) straight into the file.
+
+        The bulk path for initialisation and import: sequential, not journaled (a crash during
+        it leaves a table that must be rebuilt - its checksum is already marked stale), about as
+        fast as the disk writes. Pending journaled writes are applied first, so a later journal
+        replay can never overwrite these rows with older values; cached copies are updated.
+        """
+        v = self._round(values.detach().to("cpu", torch.float32).reshape(-1, self.dim).numpy())
+        stop = start + v.shape[0]
+        if start < 0 or stop > self.num_rows:
+            raise IndexError(f"{self.path}: rows [{start}, {stop}) outside [0, {self.num_rows})")
+        with self._lock:
+            self._check_open()
+            self._flush_locked()
+            self._begin_writes()
+            self._mm[start:stop] = self._to_storage(v)
+            slots = self._find(np.arange(start, stop))
+            cached = slots >= 0
+            self._slot_data[slots[cached]] = v[cached]
+
+    def zero_(self) -> None:
+        """Set every row to zero. A file never written since creation is all holes already;
+        otherwise the data region is cut off and re-extended, which leaves it sparse again."""
+        with self._lock:
+            self._check_open()
+            self._flush_locked()
+            self._drop_cache()
+            fresh = not self._written and _is_hole(self._fd, DATA_OFFSET, self._data_bytes())
+            self._begin_writes()  # close() then records the (cheap, all-hole) checksum
+            if fresh:
+                return
+            self._mm.flush()
+            os.ftruncate(self._fd, DATA_OFFSET)
+            os.ftruncate(self._fd, DATA_OFFSET + self._data_bytes())
+            os.fsync(self._fd)
+
+    def _data_bytes(self) -> int:
+        return self.num_rows * self.dim * self._np_dtype.itemsize
+
     def flush(self) -> None:
         """Write every dirty cached row back (one journaled batch), then checkpoint."""
         with self._lock:
@@ -844,13 +888,20 @@ class DiskStore:
 
     def _victims(self, k: int, limit: int, protected: np.ndarray) -> np.ndarray:
         """Up to ``k`` evictable slots in [0, limit), least frequent (then least recent) first."""
+        # A boolean mask, not np.setdiff1d/np.isin: those sort or hash the whole cache per batch.
+        evictable = np.ones(limit, dtype=bool)
+        evictable[protected[protected < limit]] = False
+        pool = None
         if limit > _VICTIM_SAMPLE and k <= _VICTIM_SAMPLE // 4:
-            pool = np.unique(self._rng.integers(0, limit, size=_VICTIM_SAMPLE))
-            pool = pool[~np.isin(pool, protected)]
+            sample = self._rng.integers(0, limit, size=_VICTIM_SAMPLE)
+            sample = sample[evictable[sample]]
+            evictable_sample = np.zeros(limit, dtype=bool)
+            evictable_sample[sample] = True  # deduplicates
+            pool = np.flatnonzero(evictable_sample)
             if len(pool) < k:
-                pool = np.setdiff1d(np.arange(limit), protected)
-        else:
-            pool = np.setdiff1d(np.arange(limit), protected)
+                pool = None
+        if pool is None:
+            pool = np.flatnonzero(evictable)
         score = self._slot_freq[pool] + self._slot_tick[pool] / (self._tick + 1.0)
         if k < len(pool):
             pick = np.argpartition(score, k - 1)[:k]

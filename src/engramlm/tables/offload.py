@@ -68,6 +68,14 @@ class RowStore(Protocol):
         """Make every write durable (a no-op for memory)."""
         ...
 
+    def write_range(self, start: int, values: Tensor) -> None:
+        """Store [n, dim] ``values`` at rows [start, start + n): bulk initialisation/import."""
+        ...
+
+    def zero_(self) -> None:
+        """Set every row to zero (fresh Adam moments)."""
+        ...
+
 
 @runtime_checkable
 class FileRowStore(RowStore, Protocol):
@@ -106,6 +114,12 @@ class MemoryStore:
 
     def write(self, rows: Tensor, values: Tensor) -> None:
         self.data.index_copy_(0, rows, values)
+
+    def write_range(self, start: int, values: Tensor) -> None:
+        self.data[start : start + values.shape[0]].copy_(values)
+
+    def zero_(self) -> None:
+        self.data.zero_()
 
     def flush(self) -> None:
         """Memory is as durable as it gets."""
@@ -217,13 +231,11 @@ class OffloadedTable(nn.Module):
         if len(chunks) > 1 and (chunks[-1][1] - chunks[-1][0]) * self.dim < 16:
             chunks[-2:] = [(chunks[-2][0], chunks[-1][1])]  # see CHUNK_ROWS
         for start, stop in chunks:
-            rows = torch.arange(start, stop, device="cpu")
             values = torch.empty(stop - start, self.dim, device="cpu")
             nn.init.normal_(values, std=TABLE_INIT_STD, generator=generator)
-            self.weight_store.write(rows, values)
-            zeros = torch.zeros_like(values)
-            self.exp_avg.write(rows, zeros)
-            self.exp_avg_sq.write(rows, zeros)
+            self.weight_store.write_range(start, values)
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
         self.step_count = 0
 
     # --- the Table interface -----------------------------------------------------------------
