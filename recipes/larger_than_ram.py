@@ -94,6 +94,7 @@ def main() -> None:
         )
         model.train()
         times, losses = [], []
+        peak_anon = status_kb("RssAnon")
         for step in range(args.steps):
             t = time.perf_counter()
             set_lr(optimizers, lr_at(step, train_cfg), train_cfg)
@@ -105,6 +106,7 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t)
             losses.append(float(loss.detach()))
+            peak_anon = max(peak_anon, status_kb("RssAnon"))
         tokens = train_cfg.batch_size * train_cfg.seq_len
         print(
             f"trained {args.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, median step "
@@ -125,8 +127,11 @@ def main() -> None:
         model.close_tables()
         on_disk = sum(f.stat().st_blocks * 512 for f in root.rglob("*") if f.is_file()) / 1e9
         print(
-            f"peak resident memory {status_kb('VmHWM') / 1e6:.2f} GB; table files allocated on "
-            f"disk {on_disk:.1f} GB; RAM {ram_gb:.1f} GB"
+            f"process memory: anonymous (heap) peak {peak_anon / 1e6:.2f} GB during training, "
+            f"now {status_kb('RssAnon') / 1e6:.2f} GB; file pages mapped now "
+            f"{status_kb('RssFile') / 1e6:.2f} GB (page cache, reclaimable); peak RSS "
+            f"{status_kb('VmHWM') / 1e6:.2f} GB; table files allocated on disk {on_disk:.1f} GB; "
+            f"RAM {ram_gb:.1f} GB"
         )
     finally:
         if not args.keep and root.exists():

@@ -676,7 +676,11 @@ class DiskStore:
             self._check_open()
             self._flush_locked()
             self._begin_writes()
-            self._mm[start:stop] = self._to_storage(v)
+            # pwrite, not the memory map: pages written once for initialisation should not stay
+            # mapped into this process (they would count as its resident memory).
+            stored = np.ascontiguousarray(self._to_storage(v))
+            row_bytes = self.dim * self._np_dtype.itemsize
+            _write_all(self._fd, memoryview(stored).cast("B"), DATA_OFFSET + start * row_bytes)
             slots = self._find(np.arange(start, stop))
             cached = slots >= 0
             self._slot_data[slots[cached]] = v[cached]
