@@ -53,6 +53,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,20 @@ _VICTIM_SAMPLE = 1 << 16
 
 # In-place writes go in chunks so that a test can kill a write-back half-way (``_fault_hook``).
 _IN_PLACE_CHUNK_BYTES = 64 << 20
+_READERS = 64  # concurrent row readers for cache misses (see DiskStore._read_file_rows)
+_READER_MIN_ROWS = 256  # fewer misses than this per reader are read inline
 _JOURNAL_CHECKPOINT_BYTES = 256 << 20
 
 
 def _fault_hook(stage: str) -> None:
     """Called after the journal is durable ("journaled") and after each in-place chunk
     ("in_place"); does nothing. Crash tests replace it with one that kills the process."""
+
+
+@functools.cache
+def _reader_pool() -> ThreadPoolExecutor:
+    """One process-wide pool for miss reads: threads mostly wait on page faults, not the CPU."""
+    return ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="engramlm-disk-read")
 
 
 class TableFileError(ValueError):
@@ -629,7 +638,7 @@ class DiskStore:
             self._stats["misses"] += len(miss)
             if len(miss):
                 missed, first, inverse = np.unique(r[miss], return_index=True, return_inverse=True)
-                values = self._from_storage(self._mm[missed])
+                values = self._from_storage(self._read_file_rows(missed))
                 out[miss] = values[inverse]
                 self._install(missed, values, freq[miss][first], hit_slots, dirty=False)
         return torch.from_numpy(out)
@@ -700,6 +709,25 @@ class DiskStore:
             os.ftruncate(self._fd, DATA_OFFSET)
             os.ftruncate(self._fd, DATA_OFFSET + self._data_bytes())
             os.fsync(self._fd)
+
+    def _read_file_rows(self, rows: np.ndarray) -> np.ndarray:
+        """[n] sorted distinct ids -> [n, dim] stored rows, with many page faults in flight.
+
+        A missed row is a random 4 KB read (the map is MADV_RANDOM); one thread would wait for
+        each in turn. Numpy releases the GIL while it copies, so a pool of readers keeps
+        ``_READERS`` faults outstanding and the disk's queue busy.
+        """
+        if len(rows) < 2 * _READER_MIN_ROWS:
+            return self._mm[rows]
+        out = np.empty((len(rows), self.dim), dtype=self._np_dtype)
+        bounds = np.linspace(0, len(rows), min(_READERS, len(rows) // _READER_MIN_ROWS) + 1)
+        spans = list(zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True))
+
+        def read(span: tuple[int, int]) -> None:
+            out[span[0] : span[1]] = self._mm[rows[span[0] : span[1]]]
+
+        list(_reader_pool().map(read, spans))
+        return out
 
     def _data_bytes(self) -> int:
         return self.num_rows * self.dim * self._np_dtype.itemsize
