@@ -21,6 +21,14 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None
         raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
+def check_fields(cls: type, d: dict[str, Any]) -> None:
+    """Refuse keys that are not fields of the dataclass ``cls``, listing the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class EngramConfig:
     """Hyper-parameters of the Engram memory (SPEC §2, §3).
@@ -131,12 +139,7 @@ class EngramConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngramConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown EngramConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
+        check_fields(cls, d)
         return cls(**d)
 
 
@@ -296,12 +299,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Inverse of :meth:`to_dict`; the nested ``engram`` dict is validated as EngramConfig."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown ModelConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
+        check_fields(cls, d)
         d = dict(d)
         if isinstance(d.get("engram"), dict):
             d["engram"] = EngramConfig.from_dict(d["engram"])

@@ -39,7 +39,7 @@ from engramlm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from engramlm.config import ModelConfig
+from engramlm.config import ModelConfig, check_fields
 from engramlm.data import (
     Prefetcher,
     PreparedCorpus,
@@ -120,12 +120,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
+        check_fields(cls, d)
         return cls(**d)
 
 

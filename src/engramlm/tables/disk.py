@@ -624,15 +624,9 @@ class DiskStore:
         r = self._check_rows(rows)
         with self._lock:
             self._check_open()
-            self._tick += 1
-            freq = self._touch(r)
-            slots = self._find(r)
-            hit = slots >= 0
-            hit_slots = slots[hit]
+            freq, hit, hit_slots = self._access(r)
             out = np.empty((len(r), self.dim), dtype=np.float32)
             out[hit] = self._slot_data[hit_slots]
-            self._slot_freq[hit_slots] = freq[hit]
-            self._slot_tick[hit_slots] = self._tick
             miss = np.flatnonzero(~hit)
             self._stats["hits"] += len(hit_slots)
             self._stats["misses"] += len(miss)
@@ -652,15 +646,9 @@ class DiskStore:
         v = self._round(v)
         with self._lock:
             self._check_open()
-            self._tick += 1
-            freq = self._touch(r)
-            slots = self._find(r)
-            hit = slots >= 0
-            hit_slots = slots[hit]
+            freq, hit, hit_slots = self._access(r)
             self._slot_data[hit_slots] = v[hit]
             self._slot_dirty[hit_slots] = True
-            self._slot_freq[hit_slots] = freq[hit]
-            self._slot_tick[hit_slots] = self._tick
             miss = np.flatnonzero(~hit)
             if len(miss):
                 missed, first = np.unique(r[miss], return_index=True)
@@ -847,6 +835,19 @@ class DiskStore:
         return out
 
     # --- the cache ---------------------------------------------------------------------------
+    def _access(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Count one use of each row; refresh frequency and recency of the cached ones.
+
+        Returns (sketch frequency [n], cached mask [n], slots of the cached rows)."""
+        self._tick += 1
+        freq = self._touch(rows)
+        slots = self._find(rows)
+        hit = slots >= 0
+        hit_slots = slots[hit]
+        self._slot_freq[hit_slots] = freq[hit]
+        self._slot_tick[hit_slots] = self._tick
+        return freq, hit, hit_slots
+
     def _touch(self, rows: np.ndarray) -> np.ndarray:
         freq, aged = self._sketch.increment(rows)
         if aged:
