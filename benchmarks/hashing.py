@@ -81,12 +81,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = EngramConfig()  # demo: 2 layers, 646,400-row heads, N=3, K=8
     V, pad = 99_000, 2
-    hasher = NgramHasher(
-        seed=cfg.seed,
-        layer_ids=cfg.layer_ids,
-        table_sizes=cfg.table_sizes,
-        heads_per_ngram=cfg.heads_per_ngram,
-        max_ngram=cfg.max_ngram,
+    hasher = NgramHasher.from_config(
+        cfg,
         pad_id=pad,
         compressed_vocab_size=V,
     )

@@ -15,12 +15,8 @@ V = 97  # compressed vocabulary of these tests
 
 
 def make(cfg: EngramConfig, hidden: int = 32) -> tuple[Engram, NgramHasher]:
-    hasher = NgramHasher(
-        seed=cfg.seed,
-        layer_ids=cfg.layer_ids,
-        table_sizes=cfg.table_sizes,
-        heads_per_ngram=cfg.heads_per_ngram,
-        max_ngram=cfg.max_ngram,
+    hasher = NgramHasher.from_config(
+        cfg,
         pad_id=cfg.pad_id,
         compressed_vocab_size=V,
     )

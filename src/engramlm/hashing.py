@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from engramlm.config import EngramConfig
+
 INT64_MAX = 2**63 - 1
 
 # Deterministic Miller-Rabin witnesses: exact for every n < 3.3e24 (all int64 values).
@@ -239,6 +241,21 @@ class NgramHasher(nn.Module):
             )
             self.register_buffer(f"mult_{layer}", torch.tensor(mult), persistent=False)
             self.register_buffer(f"mod_{layer}", torch.tensor(moduli[layer]), persistent=False)
+
+    @classmethod
+    def from_config(
+        cls, config: EngramConfig, *, pad_id: int, compressed_vocab_size: int
+    ) -> NgramHasher:
+        """The hasher of an :class:`EngramConfig`; ``pad_id`` is the *compressed* pad id."""
+        return cls(
+            seed=config.seed,
+            layer_ids=config.layer_ids,
+            table_sizes=config.table_sizes,
+            heads_per_ngram=config.heads_per_ngram,
+            max_ngram=config.max_ngram,
+            pad_id=pad_id,
+            compressed_vocab_size=compressed_vocab_size,
+        )
 
     def forward(
         self, compressed_ids: Tensor, layer_id: int, prefix: Tensor | None = None

@@ -436,12 +436,8 @@ class EngramLM(nn.Module):
         if e is None:
             return None
         with torch.device("cpu"):  # constants, also when the model is built on "meta"
-            return NgramHasher(
-                seed=e.seed,
-                layer_ids=e.layer_ids,
-                table_sizes=e.table_sizes,
-                heads_per_ngram=e.heads_per_ngram,
-                max_ngram=e.max_ngram,
+            return NgramHasher.from_config(
+                e,
                 pad_id=int(self._lookup_source[e.pad_id]),
                 compressed_vocab_size=self.config.hashing_vocab_size,
             )

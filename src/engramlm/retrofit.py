@@ -92,12 +92,8 @@ class EngramRetrofit(nn.Module):
         self.num_layers = num_layers
         lookup = torch.as_tensor(compressed_vocab.lookup, dtype=torch.int64)
         self.register_buffer("compress_lookup", lookup, persistent=False)  # [V]
-        self.hasher = NgramHasher(
-            seed=config.seed,
-            layer_ids=config.layer_ids,
-            table_sizes=config.table_sizes,
-            heads_per_ngram=config.heads_per_ngram,
-            max_ngram=config.max_ngram,
+        self.hasher = NgramHasher.from_config(
+            config,
             pad_id=int(compressed_vocab.lookup[config.pad_id]),  # compressed pad (SPEC §2.2)
             compressed_vocab_size=compressed_vocab.num_compressed,
         )
