@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint data
+.PHONY: demo test lint data reproduce
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ data:
 
 demo: $(VENV)/.installed data
 	$(BIN)/engramlm compare
+
+# The paper's experiments in miniature (docs/results.md): each one about 30 minutes on 2 CPU cores.
+reproduce: $(VENV)/.installed data
+	$(BIN)/engramlm experiment all
 
 test: $(VENV)/.installed data
 	$(BIN)/ruff check src tests benchmarks recipes

@@ -108,14 +108,17 @@ def main() -> None:
     report = train_retrofit(
         model,
         tokenizer,
-        data="pydocs",
-        steps=args.steps,
-        lr=args.engram_lr,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        warmup_steps=15,
-        eval_batches=args.eval_batches,
-        seed=1,  # the windows (c) trains on; the split is prepare_corpus's (split_seed=0)
+        TrainConfig(
+            data="pydocs",
+            steps=args.steps,
+            lr=args.engram_lr,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            warmup_steps=15,
+            eval_batches=args.eval_batches,
+            log_every=50,
+            seed=1,  # the windows (c) trains on; the split is prepare_corpus's (split_seed=0)
+        ),
     )
     save_retrofit(model, Path(args.out) / "engram")
     print(

@@ -25,6 +25,7 @@ from engramlm.retrofit import (  # noqa: E402
     save_retrofit,
     train_retrofit,
 )
+from engramlm.train import TrainConfig  # noqa: E402
 
 PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
 VOCAB = 512
@@ -118,17 +119,10 @@ def test_only_engram_parameters_require_grad(arch: str, tokenizer) -> None:
 def test_engram_only_training_lowers_validation_loss(arch: str, tokenizer, docs) -> None:
     model = retrofit(build(arch), tokenizer, ENGRAM)
     base = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    report = train_retrofit(
-        model,
-        tokenizer,
-        data=docs,
-        steps=30,
-        lr=3e-3,
-        seq_len=64,
-        batch_size=8,
-        warmup_steps=3,
-        eval_batches=4,
+    config = TrainConfig(
+        steps=30, lr=3e-3, seq_len=64, batch_size=8, warmup_steps=3, eval_batches=4
     )
+    report = train_retrofit(model, tokenizer, config, documents=docs)
     unchanged = all(torch.equal(base[n], p) for n, p in model.named_parameters() if n in base)
     assert unchanged and report["val_loss_after"] < report["val_loss_before"] - 0.02, report
 
@@ -199,7 +193,13 @@ def test_training_refuses_another_tokenizer(tokenizer, docs, tmp_path: Path) -> 
     model = retrofit(build("llama"), tokenizer, ENGRAM)
     other = _wrap(train_tokenizer(docs[:30], VOCAB, tmp_path))
     with pytest.raises(TokenizerMismatchError, match="fingerprint"):
-        train_retrofit(model, other, data=docs, steps=1)
+        train_retrofit(model, other, TrainConfig(steps=1), documents=docs)
+
+
+def test_training_refuses_config_fields_it_cannot_honour(tokenizer, docs) -> None:
+    model = retrofit(build("llama"), tokenizer, ENGRAM)
+    with pytest.raises(ValueError, match="grad_accum"):
+        train_retrofit(model, tokenizer, TrainConfig(steps=1, grad_accum=2), documents=docs)
 
 
 def test_tokenizer_larger_than_the_model_is_refused(tokenizer) -> None:

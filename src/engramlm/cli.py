@@ -14,6 +14,7 @@ field can be overridden with a dotted flag. Unknown keys are errors that list th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -147,15 +148,13 @@ def cmd_tables_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_retrofit(args: argparse.Namespace, overrides: list[str]) -> None:
     """Add Engram to a local Hugging Face model folder and train only Engram (engramlm.retrofit)."""
-    from engramlm.retrofit import retrofit_pretrained
+    from engramlm.retrofit import RETROFIT_TRAIN, retrofit_pretrained
 
     tree = apply_overrides({}, overrides)
     if set(tree) - {"engram"}:
         raise SystemExit(f"error: retrofit takes only --engram.* overrides, got {sorted(tree)}")
-    report = retrofit_pretrained(
-        args.model_dir,
-        args.out,
-        engram_overrides=tree.get("engram", {}),
+    config = dataclasses.replace(
+        RETROFIT_TRAIN,
         data=args.data,
         steps=args.steps,
         lr=args.lr,
@@ -163,11 +162,43 @@ def cmd_retrofit(args: argparse.Namespace, overrides: list[str]) -> None:
         batch_size=args.batch_size,
         eval_batches=args.eval_batches,
     )
+    report = retrofit_pretrained(
+        args.model_dir, args.out, engram_overrides=tree.get("engram", {}), config=config
+    )
     print(
         f"val loss {report['val_loss_before']:.4f} -> {report['val_loss_after']:.4f} nats after "
         f"{report['steps']} Engram-only steps ({report['trainable_params']:,} parameters) "
         f"-> {args.out}"
     )
+
+
+def cmd_experiment(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Run one of the paper's experiments in miniature (or `all`), writing runs/NAME/."""
+    from engramlm.experiments import EXPERIMENTS, run_experiment
+
+    if overrides:
+        raise SystemExit(f"engramlm experiment: unknown arguments {overrides}")
+    from engramlm.experiments.report import write_page
+
+    names = {"all": list(EXPERIMENTS), "report": []}.get(args.name, [args.name])
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    for name in names:
+        run_experiment(
+            name,
+            out_root=Path(args.out),
+            scale=args.scale,
+            smoke=args.smoke,
+            seeds=seeds,
+            device=args.device,
+            data=args.data,
+        )
+        if args.page and not args.smoke:
+            print(f"results page: {write_page(args.out, args.page)}")
+    if args.name == "report":
+        print(f"results page: {write_page(args.out, args.page or 'docs/results.md')}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,6 +238,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
     p.add_argument("--out", required=True, help="a new folder for the disk tables")
     p.set_defaults(fn=cmd_tables_export)
+
+    from engramlm.experiments import EXPERIMENTS
+
+    p = sub.add_parser("experiment", help=cmd_experiment.__doc__)
+    p.add_argument(
+        "name",
+        choices=[*EXPERIMENTS, "all", "report"],
+        help="which experiment; `all` runs every one; `report` only rewrites the results page",
+    )
+    p.add_argument("--out", default="runs", help="results go to OUT/NAME/")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply training steps")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (CI): outputs only")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", default=None, help="corpus (named or a path) instead of pydocs")
+    p.add_argument(
+        "--page",
+        default="docs/results.md",
+        help="results page rewritten after each experiment ('' = none)",
+    )
+    p.set_defaults(fn=cmd_experiment)
 
     p = sub.add_parser("retrofit", help=cmd_retrofit.__doc__)
     p.add_argument("--model-dir", required=True, help="a local save_pretrained folder")

@@ -14,7 +14,7 @@ prefix (last N-1 compressed ids) and each layer keeps its short-conv state, so t
 decoding equals the full forward; a call whose KV cache is empty starts a fresh sequence.
 
     model = retrofit(model, tokenizer, EngramConfig.preset("tiny", pad_id=0))
-    report = train_retrofit(model, tokenizer, data="pydocs", steps=200)
+    report = train_retrofit(model, tokenizer, TrainConfig(data="pydocs", steps=200, lr=1e-3))
     save_retrofit(model, "out/")  ...  load_retrofit(base_model, tokenizer, "out/")
 
 transformers and safetensors are imported inside the functions that need them.
@@ -41,6 +41,7 @@ from engramlm.engram import Engram
 from engramlm.hashing import NgramHasher
 from engramlm.tables import DeviceTable
 from engramlm.tokenization import CompressedVocab, TokenizerMismatchError, _backend
+from engramlm.train import TrainConfig, lr_at
 
 logger = logging.getLogger(__name__)
 
@@ -354,86 +355,86 @@ def _optimizers(
     return optimizers
 
 
-def _lr_at(step: int, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    from engramlm.train import TrainConfig, lr_at
-
-    cfg = TrainConfig(lr=lr, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
-    return lr_at(step, cfg)
+RETROFIT_TRAIN = TrainConfig(steps=200, lr=1e-3, warmup_steps=20, log_every=50)
+"""Defaults of :func:`train_retrofit`: fewer, gentler steps than from-scratch training."""
 
 
 def train_retrofit(
     model: nn.Module,
     tokenizer: Any,
+    config: TrainConfig = RETROFIT_TRAIN,
     *,
-    data: str | Path | Sequence[Document] = "pydocs",
-    steps: int = 200,
-    lr: float = 1e-3,
-    seq_len: int = 256,
-    batch_size: int = 16,
-    warmup_steps: int = 20,
-    min_lr_ratio: float = 0.1,
-    weight_decay: float = 0.1,
-    table_lr_mult: float = 5.0,
-    grad_clip: float = 1.0,
-    val_fraction: float = 0.05,
-    eval_batches: int = 20,
+    documents: Sequence[Document] | None = None,
     split_seed: int = 0,
-    seed: int = 0,
-    log_every: int = 50,
 ) -> dict[str, Any]:
     """Train a retrofitted model's trainable parameters (Engram only, by default) on real text.
 
-    ``data`` is a named corpus or path (:func:`engramlm.data.load_documents`) or documents; it
-    is split by document (``split_documents(val_fraction, split_seed)``: with the defaults, the
-    split ``prepare_corpus`` makes) and encoded with ``tokenizer``, which must be the
-    retrofitted one; ``seed`` draws the training windows. Validation loss is measured on
-    ``eval_batches`` fixed windows before and after.
+    ``config`` is the :class:`~engramlm.train.TrainConfig` of from-scratch training (one
+    place for defaults and validation); retrofitting uses its data, batch shape, steps, learning
+    rate schedule, weight decay, table LR multiplier, clipping, evaluation size, ``seed`` (the
+    training windows) and ``log_every``. Fields it cannot honour (gradient accumulation,
+    bfloat16, table tiers, checkpoints) must keep their defaults: they are refused, not ignored.
+    ``config.data`` (a named corpus or path) or ``documents`` is split by document
+    (``split_documents(val_fraction, split_seed)``: with the defaults, the split
+    ``prepare_corpus`` makes) and encoded with ``tokenizer``, which must be the retrofitted one.
+    Validation loss is measured on ``eval_batches`` fixed windows before and after.
     Returns ``{"val_loss_before", "val_loss_after", "train_loss", "steps", "tokens",
     "seconds", "trainable_params"}``.
     """
+    unsupported = {
+        name: getattr(config, name)
+        for name in ("grad_accum", "dtype", "table_storage", "ckpt_every")
+        if getattr(config, name) != getattr(RETROFIT_TRAIN, name)
+    }
+    if unsupported:
+        raise ValueError(
+            f"train_retrofit does not support {unsupported}; keep these TrainConfig fields at "
+            "their defaults (use engramlm.train for accumulation, bfloat16, tiers, checkpoints)"
+        )
+    cfg = config
     context = _context(model)
     context.check_tokenizer(tokenizer)
-    docs = load_documents(data) if isinstance(data, str | Path) else list(data)
-    train_docs, val_docs = split_documents(docs, val_fraction, split_seed)
+    docs = load_documents(cfg.data) if documents is None else list(documents)
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction, split_seed)
     train_tokens = encode_documents(train_docs, tokenizer)
     val_tokens = encode_documents(val_docs, tokenizer)
     device = next(model.parameters()).device
-    batches = TrainBatches(train_tokens, batch_size, seq_len, seed=seed)
-    val = ValBatches(val_tokens, batch_size, seq_len, max_batches=eval_batches)
+    batches = TrainBatches(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    val = ValBatches(val_tokens, cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches)
 
-    optimizers = _optimizers(model, lr, weight_decay, table_lr_mult)
+    optimizers = _optimizers(model, cfg.lr, cfg.weight_decay, cfg.table_lr_mult)
     trainable = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
     dense = [p for g in optimizers["dense"].param_groups for p in g["params"]]
     val_before = evaluate_lm(model, val, device)
     logger.info("retrofit: validation loss before %.4f", val_before)
     model.train()
     start, losses = time.perf_counter(), []
-    for step in range(steps):
-        step_lr = _lr_at(step, lr, steps, warmup_steps, min_lr_ratio)
+    for step in range(cfg.steps):
+        step_lr = lr_at(step, cfg)
         for name, opt in optimizers.items():
             for group in opt.param_groups:
-                group["lr"] = step_lr * (table_lr_mult if name == "tables" else 1.0)
+                group["lr"] = step_lr * (cfg.table_lr_mult if name == "tables" else 1.0)
         batch = next(batches)
         logits = model(input_ids=batch.input_ids.to(device), use_cache=False).logits  # [B,T,V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.to(device).flatten())
         loss.backward()
-        if grad_clip:  # dense only: clip_grad_norm_ does not take the tables' sparse grads
-            torch.nn.utils.clip_grad_norm_(dense, grad_clip)
+        if cfg.grad_clip:  # dense only: clip_grad_norm_ does not take the tables' sparse grads
+            torch.nn.utils.clip_grad_norm_(dense, cfg.grad_clip)
         for opt in optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            logger.info("retrofit step %d/%d: train loss %.4f", step + 1, steps, losses[-1])
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            logger.info("retrofit step %d/%d: train loss %.4f", step + 1, cfg.steps, losses[-1])
     seconds = time.perf_counter() - start
     val_after = evaluate_lm(model, val, device)
-    logger.info("retrofit: validation loss after %d steps %.4f", steps, val_after)
+    logger.info("retrofit: validation loss after %d steps %.4f", cfg.steps, val_after)
     return {
         "val_loss_before": val_before,
         "val_loss_after": val_after,
         "train_loss": losses,
-        "steps": steps,
-        "tokens": steps * batch_size * seq_len,
+        "steps": cfg.steps,
+        "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
         "seconds": seconds,
         "trainable_params": sum(p.numel() for p in trainable),
     }
@@ -517,12 +518,12 @@ def retrofit_pretrained(
     out: str | Path,
     *,
     engram_overrides: dict[str, Any] | None = None,
-    **train_kwargs: Any,
+    config: TrainConfig = RETROFIT_TRAIN,
 ) -> dict[str, Any]:
     """Load a local HF model folder, retrofit Engram, train only Engram, save it to ``out``.
 
     The Engram config is the ``tiny`` preset with ``pad_id`` = the tokenizer's pad (else EOS,
-    else 0) and ``engram_overrides`` applied; ``train_kwargs`` go to :func:`train_retrofit`.
+    else 0) and ``engram_overrides`` applied; ``config`` goes to :func:`train_retrofit`.
     Writes ``out/`` (:func:`save_retrofit`) and ``out/report.json``; returns the report.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -531,12 +532,12 @@ def retrofit_pretrained(
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     defaults = {**EngramConfig.preset("tiny").to_dict(), "pad_id": 0 if pad is None else pad}
-    config = EngramConfig.from_dict({**defaults, **(engram_overrides or {})})
-    retrofit(model, tokenizer, config)
-    report = train_retrofit(model, tokenizer, **train_kwargs)
+    engram = EngramConfig.from_dict({**defaults, **(engram_overrides or {})})
+    retrofit(model, tokenizer, engram)
+    report = train_retrofit(model, tokenizer, config)
     save_retrofit(model, out)
     summary = {k: v for k, v in report.items() if k != "train_loss"}
-    summary |= {"model_dir": str(model_dir), "engram": config.to_dict(), "train": train_kwargs}
+    summary |= {"model_dir": str(model_dir), "engram": engram.to_dict(), "train": config.to_dict()}
     (Path(out) / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     return report
 

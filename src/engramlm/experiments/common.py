@@ -1,0 +1,222 @@
+"""What every experiment shares: sizes, the corpus, cached training runs, results and plots.
+
+An experiment is a module with ``run(ctx: Context) -> dict``. It trains models through
+:meth:`Context.train` (each run cached under ``runs/<name>/models/<key>``: a finished run is read
+back, an interrupted one resumes from its last checkpoint, so re-running an experiment only does
+the work that is missing), measures, draws with :meth:`Context.savefig`, and returns a
+JSON-able dict that :meth:`Context.save_results` checks (every number finite) and writes to
+``runs/<name>/results.json`` with the command, machine and wall time.
+
+Sizes: the default model is the main job's (``engramlm.compare``: 4 layers, width 256, 16
+experts top-2 + 1 shared, 128-token sequences) so numbers line up with the README; ``scale``
+multiplies training steps (``--scale 4`` on a GPU); ``smoke`` shrinks everything to seconds
+(CI checks that outputs exist and are finite and the properties that hold at any size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engramlm.compare import DEFAULT_ENGRAM, DEFAULT_MOE, DEFAULT_TRAIN
+from engramlm.config import EngramConfig, ModelConfig
+from engramlm.data import PreparedCorpus, prepare_corpus
+from engramlm.model import EngramLM
+from engramlm.train import TrainConfig, TrainResult, load_run, train
+
+logger = logging.getLogger(__name__)
+
+# Smoke size: a 2-layer width-64 MoE, a few steps, a small vocabulary (seconds per run).
+SMOKE_MOE = dataclasses.replace(
+    DEFAULT_MOE,
+    num_layers=2,
+    hidden_size=64,
+    num_heads=2,
+    num_kv_heads=2,
+    ffn_hidden_size=128,
+    num_experts=8,
+    expert_hidden_size=32,
+    max_seq_len=64,
+)
+SMOKE_ENGRAM = dataclasses.replace(DEFAULT_ENGRAM, heads_per_ngram=2, embed_dim_per_ngram=16)
+SMOKE_TRAIN = dataclasses.replace(
+    DEFAULT_TRAIN,
+    vocab_size=512,
+    seq_len=32,
+    batch_size=4,
+    steps=6,
+    warmup_steps=2,
+    eval_every=3,
+    eval_batches=2,
+    log_every=1,
+)
+
+
+@dataclass
+class Context:
+    """One experiment's settings, output folder and cached training runs."""
+
+    name: str
+    out_root: Path = Path("runs")
+    scale: float = 1.0  # multiplies training steps
+    smoke: bool = False  # CI size: seconds, outputs only
+    seeds: tuple[int, ...] = (0,)
+    device: str = "cpu"
+    progress: bool = True
+    data: str | None = None  # corpus override (a named corpus or a path); None = default
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0:
+            raise ValueError(f"--scale must be > 0, got {self.scale}")
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed")
+        self.out_root = Path(self.out_root)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out_root / self.name
+
+    # --- sizes ---------------------------------------------------------------------------------
+    @property
+    def base_moe(self) -> ModelConfig:
+        """The pure-MoE reference (rho = 1) every experiment starts from."""
+        return SMOKE_MOE if self.smoke else DEFAULT_MOE
+
+    @property
+    def base_engram(self) -> EngramConfig:
+        """Engram's shape (layer 1, 2- and 3-grams); table sizes are set by ``allocate``."""
+        return SMOKE_ENGRAM if self.smoke else DEFAULT_ENGRAM
+
+    def train_config(self, **changes: Any) -> TrainConfig:
+        """The default training recipe, steps scaled, with ``changes`` applied."""
+        base = SMOKE_TRAIN if self.smoke else DEFAULT_TRAIN
+        if self.data is not None:
+            base = dataclasses.replace(base, data=self.data)
+        if not self.smoke and self.scale != 1.0:
+            steps = max(1, round(base.steps * self.scale))
+            base = dataclasses.replace(
+                base,
+                steps=steps,
+                warmup_steps=max(1, round(base.warmup_steps * self.scale)),
+                eval_every=max(1, round(base.eval_every * self.scale)),
+            )
+        return dataclasses.replace(base, **changes)
+
+    @cached_property
+    def corpus(self) -> PreparedCorpus:
+        """The default corpus, tokenized once (cached on disk across runs)."""
+        cfg = self.train_config()
+        return prepare_corpus(cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction)
+
+    # --- training ------------------------------------------------------------------------------
+    def train(
+        self, key: str, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None
+    ) -> TrainResult:
+        """Train ``model_cfg`` under ``models/<key>``: cached when finished, resumed when cut off.
+
+        A cached run is reused only if its saved model and training configs equal the ones asked
+        for; otherwise it is retrained from scratch (the old folder is replaced).
+        """
+        train_cfg = train_cfg or self.train_config()
+        run_dir = self.out_dir / "models" / key
+        train_cfg = dataclasses.replace(train_cfg, out_dir=str(run_dir))
+        wanted = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}
+        result_file, config_file = run_dir / "result.json", run_dir / "config.json"
+        same = False
+        if config_file.exists():
+            saved = json.loads(config_file.read_text())
+            # The saved model config has the corpus' vocabulary bound in; compare the rest.
+            saved_model = {k: v for k, v in saved.get("model", {}).items() if "vocab" not in k}
+            wanted_model = {k: v for k, v in wanted["model"].items() if "vocab" not in k}
+            same = saved_model == wanted_model and saved.get("train") == wanted["train"]
+        if same and result_file.exists():
+            logger.info("%s/%s: finished earlier, reading %s", self.name, key, result_file)
+            return TrainResult(**json.loads(result_file.read_text()))
+        if run_dir.exists() and not same:
+            logger.info("%s/%s: configuration changed, retraining", self.name, key)
+            import shutil
+
+            shutil.rmtree(run_dir)
+        logger.info("%s/%s: training %d steps", self.name, key, train_cfg.steps)
+        return train(
+            model_cfg,
+            train_cfg,
+            resume=same,
+            corpus=self.corpus,
+            progress=self.progress,
+            device=self.device,
+        )
+
+    def load(self, key: str) -> EngramLM:
+        """The trained model of ``models/<key>`` in eval mode."""
+        model, _ = load_run(self.out_dir / "models" / key, device=self.device)
+        return model.eval()
+
+    # --- outputs -------------------------------------------------------------------------------
+    def savefig(self, fig: Any, name: str) -> Path:
+        """Write a matplotlib figure as ``runs/<name>/<name>.png`` and close it."""
+        import matplotlib.pyplot as plt
+
+        path = self.out_dir / f"{name}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+    def save_results(self, results: dict[str, Any]) -> Path:
+        """Check every number is finite, add how it was made, write ``results.json``."""
+        check_finite(results)
+        doc = {
+            "experiment": self.name,
+            "command": " ".join(["engramlm", *sys.argv[1:]]) if sys.argv else "",
+            "scale": self.scale,
+            "smoke": self.smoke,
+            "seeds": list(self.seeds),
+            "machine": machine(),
+            "wall_seconds": round(time.time() - self.started, 1),
+            "results": results,
+        }
+        path = self.out_dir / "results.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, path)
+        return path
+
+
+def check_finite(obj: Any, where: str = "results") -> None:
+    """Raise ValueError naming the first NaN/inf number in a nested dict/list."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_finite(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_finite(v, f"{where}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"{where} is {obj}: the experiment produced a non-finite number")
+
+
+def machine() -> str:
+    """A one-line description of where a result was measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
