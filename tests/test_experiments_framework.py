@@ -1,0 +1,116 @@
+"""The experiments framework: cached/resumable runs, finite results, the results page, the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from engramlm import experiments
+from engramlm.cli import main
+from engramlm.experiments import report
+from engramlm.experiments.common import Context, check_finite
+
+
+@pytest.fixture
+def fake_experiment(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """A registered experiment that writes one number and one plot, counting its runs."""
+    module = types.ModuleType("engramlm.experiments._fake")
+    module.calls = 0
+
+    def run(ctx: Context) -> dict:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        module.calls += 1
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        ctx.savefig(fig, "line")
+        return {"value": 1.5, "seeds": list(ctx.seeds)}
+
+    def render(doc: dict) -> str:
+        return f"## Fake (`engramlm experiment fake`)\n\nvalue {doc['results']['value']}\n"
+
+    module.run, module.report = run, render
+    monkeypatch.setitem(sys.modules, "engramlm.experiments._fake", module)
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {"fake": ("_fake", "a fake experiment")})
+    monkeypatch.setattr(report, "EXPERIMENTS", experiments.EXPERIMENTS)
+    return module
+
+
+def test_results_json_and_page(fake_experiment: types.ModuleType, tmp_path: Path) -> None:
+    doc = experiments.run_experiment("fake", out_root=tmp_path, seeds=(0, 1), progress=False)
+    assert doc["results"] == {"value": 1.5, "seeds": [0, 1]} and doc["wall_seconds"] >= 0
+    assert json.loads((tmp_path / "fake" / "results.json").read_text()) == doc
+    assert (tmp_path / "fake" / "line.png").stat().st_size > 0
+    page = report.write_page(tmp_path, tmp_path / "docs" / "results.md")
+    text = page.read_text()
+    assert "value 1.5" in text and "[line](img/results/fake/line.png)" in text
+    assert (tmp_path / "docs" / "img" / "results" / "fake" / "line.png").exists()
+
+
+def test_smoke_results_never_reach_the_page(fake_experiment, tmp_path: Path) -> None:
+    experiments.run_experiment("fake", out_root=tmp_path, smoke=True, progress=False)
+    text = report.render(tmp_path, tmp_path / "img")
+    assert "Not run yet" in text and "value 1.5" not in text
+
+
+def test_cli_runs_and_rewrites_the_page(fake_experiment, tmp_path: Path) -> None:
+    page = tmp_path / "results.md"
+    main(["experiment", "fake", "--out", str(tmp_path), "--seeds", "3", "--page", str(page)])
+    assert "value 1.5" in page.read_text()
+    with pytest.raises(SystemExit, match="--seeds"):
+        main(["experiment", "fake", "--out", str(tmp_path), "--seeds", "a,b"])
+
+
+def test_unknown_experiment_and_bad_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown experiment 'nope'; known: allocation"):
+        experiments.run_experiment("nope", out_root=tmp_path)
+    with pytest.raises(ValueError, match="--scale must be > 0"):
+        Context(name="x", out_root=tmp_path, scale=0)
+    with pytest.raises(ValueError, match="at least one seed"):
+        Context(name="x", out_root=tmp_path, seeds=())
+
+
+def test_non_finite_results_are_refused() -> None:
+    check_finite({"a": [1.0, {"b": 2}]})
+    with pytest.raises(ValueError, match=r"results\.a\[1\]\.b is nan"):
+        check_finite({"a": [1.0, {"b": float("nan")}]})
+
+
+def test_scale_multiplies_steps(tmp_path: Path) -> None:
+    base = Context(name="x", out_root=tmp_path).train_config()
+    grown = Context(name="x", out_root=tmp_path, scale=2.5).train_config(seed=3)
+    assert grown.steps == round(base.steps * 2.5) and grown.seed == 3
+    assert Context(name="x", out_root=tmp_path, smoke=True).train_config().steps < 10
+
+
+def test_training_runs_are_cached_resumed_and_redone_on_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engramlm.experiments import common
+
+    ctx = Context(name="cache", out_root=tmp_path, smoke=True, progress=False)
+    calls: list[bool] = []
+    real_train = common.train
+
+    def counting_train(*args, **kwargs):
+        calls.append(kwargs["resume"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(common, "train", counting_train)
+    cfg = ctx.train_config(steps=2, ckpt_every=1, eval_every=2)
+    first = ctx.train("moe", ctx.base_moe, cfg)
+    again = ctx.train("moe", ctx.base_moe, cfg)
+    assert calls == [False] and again.val_loss == first.val_loss  # read back, not retrained
+    (tmp_path / "cache" / "models" / "moe" / "result.json").unlink()  # cut off after the end
+    ctx.train("moe", ctx.base_moe, cfg)
+    assert calls == [False, True]  # resumed from its checkpoint
+    ctx.train("moe", ctx.base_moe, ctx.train_config(steps=3))
+    assert calls == [False, True, False]  # another config: trained from scratch
+    assert ctx.load("moe").config.num_layers == ctx.base_moe.num_layers
