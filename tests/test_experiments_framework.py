@@ -108,6 +108,7 @@ def test_training_runs_are_cached_resumed_and_redone_on_change(
     first = ctx.train("moe", ctx.base_moe, cfg)
     again = ctx.train("moe", ctx.base_moe, cfg)
     assert calls == [False] and again.val_loss == first.val_loss  # read back, not retrained
+    assert (tmp_path / "cache" / "models" / "moe").resolve().parent.name == "_models"
     (tmp_path / "cache" / "models" / "moe" / "result.json").unlink()  # cut off after the end
     ctx.train("moe", ctx.base_moe, cfg)
     assert calls == [False, True]  # resumed from its checkpoint

@@ -1,11 +1,13 @@
 """What every experiment shares: sizes, the corpus, cached training runs, results and plots.
 
 An experiment is a module with ``run(ctx: Context) -> dict``. It trains models through
-:meth:`Context.train` (each run cached under ``runs/<name>/models/<key>``: a finished run is read
-back, an interrupted one resumes from its last checkpoint, so re-running an experiment only does
-the work that is missing), measures, draws with :meth:`Context.savefig`, and returns a
-JSON-able dict that :meth:`Context.save_results` checks (every number finite) and writes to
-``runs/<name>/results.json`` with the command, machine and wall time.
+:meth:`Context.train` (each run stored once per configuration under ``runs/_models/`` and linked
+as ``runs/<name>/models/<key>``: a finished run is read back, an interrupted one resumes from
+its last checkpoint, so re-running an experiment only does the work that is missing, and
+experiments that train the same model share it), measures, draws with
+:meth:`Context.savefig`, and returns a JSON-able dict that :meth:`Context.save_results` checks
+(every number finite) and writes to ``runs/<name>/results.json`` with the command, machine and
+wall time.
 
 Sizes: the default model is the main job's (``engramlm.compare``: 4 layers, width 256, 16
 experts top-2 + 1 shared, 128-token sequences) so numbers line up with the README; ``scale``
@@ -16,11 +18,13 @@ multiplies training steps (``--scale 4`` on a GPU); ``smoke`` shrinks everything
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -114,6 +118,8 @@ class Context:
                 warmup_steps=max(1, round(base.warmup_steps * self.scale)),
                 eval_every=max(1, round(base.eval_every * self.scale)),
             )
+        # Checkpoint at every evaluation (one kept) so an interrupted experiment resumes.
+        base = dataclasses.replace(base, ckpt_every=base.eval_every, keep_checkpoints=1)
         return dataclasses.replace(base, **changes)
 
     @cached_property
@@ -126,36 +132,38 @@ class Context:
     def train(
         self, key: str, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None
     ) -> TrainResult:
-        """Train ``model_cfg`` under ``models/<key>``: cached when finished, resumed when cut off.
+        """Train ``model_cfg``, reachable as ``models/<key>``: cached, resumed when cut off.
 
-        A cached run is reused only if its saved model and training configs equal the ones asked
-        for; otherwise it is retrained from scratch (the old folder is replaced).
+        Runs are stored once per configuration under ``<out_root>/_models/<digest>`` (digest of
+        the model and training configs), and ``models/<key>`` links there, so experiments that
+        train the same model (the allocation sweep's rho = 1 and the analyses' MoE, say) share
+        it. A finished run is read back; one with checkpoints but no result resumes.
         """
         train_cfg = train_cfg or self.train_config()
-        run_dir = self.out_dir / "models" / key
-        train_cfg = dataclasses.replace(train_cfg, out_dir=str(run_dir))
         wanted = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}
-        result_file, config_file = run_dir / "result.json", run_dir / "config.json"
-        same = False
-        if config_file.exists():
-            saved = json.loads(config_file.read_text())
-            # The saved model config has the corpus' vocabulary bound in; compare the rest.
-            saved_model = {k: v for k, v in saved.get("model", {}).items() if "vocab" not in k}
-            wanted_model = {k: v for k, v in wanted["model"].items() if "vocab" not in k}
-            same = saved_model == wanted_model and saved.get("train") == wanted["train"]
-        if same and result_file.exists():
+        wanted["train"].pop("out_dir")
+        digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
+        run_dir = self.out_root / "_models" / digest
+        link = self.out_dir / "models" / key
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            if link.resolve() != run_dir.resolve():
+                if link.is_symlink() or link.is_file():
+                    link.unlink()
+                else:
+                    shutil.rmtree(link)
+        if not link.exists():
+            link.symlink_to(Path("..", "..", "_models", digest), target_is_directory=True)
+        train_cfg = dataclasses.replace(train_cfg, out_dir=str(run_dir))
+        result_file = run_dir / "result.json"
+        if result_file.exists():
             logger.info("%s/%s: finished earlier, reading %s", self.name, key, result_file)
             return TrainResult(**json.loads(result_file.read_text()))
-        if run_dir.exists() and not same:
-            logger.info("%s/%s: configuration changed, retraining", self.name, key)
-            import shutil
-
-            shutil.rmtree(run_dir)
-        logger.info("%s/%s: training %d steps", self.name, key, train_cfg.steps)
+        logger.info("%s/%s: training %d steps in %s", self.name, key, train_cfg.steps, run_dir)
         return train(
             model_cfg,
             train_cfg,
-            resume=same,
+            resume=run_dir.exists(),
             corpus=self.corpus,
             progress=self.progress,
             device=self.device,
