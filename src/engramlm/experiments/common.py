@@ -140,8 +140,8 @@ class Context:
         it. A finished run is read back; one with checkpoints but no result resumes.
         """
         train_cfg = train_cfg or self.train_config()
-        wanted = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}
-        wanted["train"].pop("out_dir")
+        wanted = {"model": changed_fields(model_cfg), "train": changed_fields(train_cfg)}
+        wanted["train"].pop("out_dir", None)
         digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
         run_dir = self.out_root / "_models" / digest
         link = self.out_dir / "models" / key
@@ -202,6 +202,25 @@ class Context:
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, path)
         return path
+
+
+def changed_fields(cfg: Any) -> Any:
+    """A config as a JSON-able dict of the fields that differ from their defaults (recursively).
+
+    Run digests use this, so a later release that adds a field with a behaviour-preserving
+    default still finds the runs stored before it.
+    """
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        out = {}
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            out[f.name] = changed_fields(value)
+        return out
+    if isinstance(cfg, (tuple, list)):
+        return [changed_fields(v) for v in cfg]
+    return cfg
 
 
 def check_finite(obj: Any, where: str = "results") -> None:
