@@ -2,14 +2,20 @@
 
 Workers are spawned processes talking over 127.0.0.1; each writes its results to a file that
 the test (the parent) compares with a single-process run. One launch runs every variant, so
-the interpreter and torch start-up is paid once.
+the interpreter and torch start-up is paid once. The last part trains through the CLI under
+``torchrun`` on real text and resumes across world sizes.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
+import tomllib
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -18,18 +24,31 @@ from typing import Any
 import pytest
 import torch
 
+from engramlm.checkpoint import (
+    TABLE_TENSORS,
+    CheckpointError,
+    checkpoint_dir,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from engramlm.config import ModelConfig
+from engramlm.data import TrainBatches
 from engramlm.model import EngramLM
 from engramlm.tables import TablePlan
-from engramlm.train import TrainConfig, build_optimizers
+from engramlm.train import TrainConfig, build_optimizers, evaluate_run, load_run, train
 
 dist = pytest.importorskip("torch.distributed", reason="torch built without torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is unavailable", allow_module_level=True)
 
-from engramlm.distributed import (  # noqa: E402 (after the availability check)
+from engramlm import distributed  # noqa: E402 (after the availability check)
+from engramlm.distributed import (  # noqa: E402
+    Launch,
     ParallelPlan,
     PeerError,
+    RankBatches,
+    ShardedTable,
     all_reduce_expert_counts,
     owner_of,
     parallelize,
@@ -131,6 +150,66 @@ def _train_variant(rank: int, plan: ParallelPlan) -> dict[str, Any]:
     }
 
 
+def _shards_of(inner: EngramLM) -> dict[str, dict[str, Any]]:
+    """This rank's rows, moments and step of every sharded table, by module name."""
+    out = {}
+    for shard in distributed.table_shards(inner):
+        n, stores = shard.stop - shard.start, shard.table.stores
+        out[shard.name] = {
+            "rows": (shard.start, shard.stop),
+            "step": shard.table.step_count,
+            **{k: s.data[:n].clone() for k, s in zip(TABLE_TENSORS, stores, strict=True)},
+        }
+    return out
+
+
+def _built_without_full_tables(rank: int) -> dict[str, Any]:
+    """build_model: the constructor's tables are never written, the shards drawn in place."""
+    torch.manual_seed(0)
+    inner, _ = distributed.build_model(ModelConfig.preset("tiny-engram"), plan=ParallelPlan())
+    return {
+        "shards": _shards_of(inner),
+        "params": {n: p.detach().clone() for n, p in inner.named_parameters()},
+    }
+
+
+def _checkpoint_round_trips(rank: int, out: Path) -> dict[str, Any]:
+    """Save a sharded checkpoint after one step (the parent loads it in one process), and load
+    the one-process checkpoint the parent saved into a fresh sharded model."""
+    inner = _model()
+    model = parallelize(inner, ParallelPlan(timeout_s=TIMEOUT_S))
+    optimizers = build_optimizers(inner, TRAIN)
+    optimizers["tables"] = table_optimizer(sharded_tables(inner), lr=TRAIN.lr * 5)
+    x, y = _batches()[0]
+    lo, hi = rank * B // WORLD, (rank + 1) * B // WORLD
+    _backward(model, x[lo:hi], y[lo:hi])
+    _update(inner, optimizers)
+    distributed.save_checkpoint(
+        out / "sharded", 1, model=inner, optimizers=optimizers, trainer_state={}, config={}
+    )
+    saved = _shards_of(inner)
+
+    fresh = _model()
+    parallelize(fresh, ParallelPlan(timeout_s=TIMEOUT_S))
+    dense = build_optimizers(fresh, TRAIN)
+    distributed.load_checkpoint(out / "single", model=fresh, optimizers=dense)
+    return {
+        "saved": saved,
+        "loaded": _shards_of(fresh),
+        "loaded_params": {n: p.detach().clone() for n, p in fresh.named_parameters()},
+    }
+
+
+def _idle_shard_steps(rank: int) -> int:
+    """Ids that all live on rank 0's shard: rank 1's shard gets no row gradient, yet the
+    table was stepped, so its Adam step must advance as one process's would."""
+    table = ShardedTable(10, 4, group=dist.group.WORLD)
+    optimizer = table_optimizer([table], lr=0.1)
+    table.lookup(torch.tensor([0, 1, 1])).sum().backward()
+    optimizer.step()
+    return table.local.step_count
+
+
 def _fail_mid_step(rank: int, how: str) -> dict[str, Any]:
     """Rank 1 dies (``how="die"``) or stalls (``"hang"``) inside its second step's forward, at
     the table lookup; rank 0 must get a :class:`PeerError` instead of waiting for ever."""
@@ -166,6 +245,9 @@ def _worker(rank: int, port: int, out: str, job: str) -> None:
         if job == "train":
             for name, fields in VARIANTS.items():
                 result[name] = _train_variant(rank, ParallelPlan(timeout_s=TIMEOUT_S, **fields))
+            result["built"] = _built_without_full_tables(rank)
+            result["checkpoints"] = _checkpoint_round_trips(rank, Path(out))
+            result["idle_step"] = _idle_shard_steps(rank)
         else:
             result = _fail_mid_step(rank, job)
     except BaseException:
@@ -226,15 +308,29 @@ def _reference(parts: int) -> dict[str, Any]:
     }
 
 
+def _one_process_checkpoint(out: Path) -> tuple[EngramLM, dict[int, Any]]:
+    """One SparseAdam + AdamW step on the global batch, saved by one process -> the model and
+    its tables' optimiser state."""
+    model = _model()
+    optimizers = build_optimizers(model, TRAIN)
+    x, y = _batches()[0]
+    _backward(model, x, y)
+    _update(model, optimizers)
+    save_checkpoint(out, 1, model=model, optimizers=optimizers, trainer_state={}, config={})
+    return model.requires_grad_(False), optimizers["tables"].state_dict()["state"]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], ...]:
-    ranks = _launch(tmp_path_factory.mktemp("dist"), "train")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ...]:
+    out = tmp_path_factory.mktemp("dist")
     # The ranks compute with one thread (_worker); so must the reference, or matmuls sum in
     # another order and Adam amplifies the last-bit differences past 1e-6 in three steps.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return ranks, _reference(parts=1), _reference(parts=WORLD)
+        single = _one_process_checkpoint(out / "single")
+        ranks = _launch(out, "train")
+        return ranks, _reference(parts=1), _reference(parts=WORLD), out, single
     finally:
         torch.set_num_threads(threads)
 
@@ -256,7 +352,7 @@ EXACT = {"rtol": 0.0, "atol": 1e-6}
 def test_sharded_forward_and_backward_match_single_process(runs, variant: str) -> None:
     """Losses of every step and the first step's gradients (dense and table rows) equal one
     process's on the global batch; row gradients gathered from the owners' shards."""
-    ranks, ref, _ = runs
+    ranks, ref, *_ = runs
     for r, result in enumerate(ranks):
         got = result[variant]
         torch.testing.assert_close(
@@ -279,7 +375,7 @@ def test_sharded_forward_and_backward_match_single_process(runs, variant: str) -
 def test_sharded_training_matches_single_process(runs, variant: str) -> None:
     """After 3 optimiser steps (AdamW dense, lazy Adam on the shards) every weight equals the
     one-process run on the same micro-batches."""
-    ranks, _, ref = runs
+    ranks, _, ref, *_ = runs
     for r, result in enumerate(ranks):
         got = result[variant]
         dense = {n: p for n, p in ref["params"].items() if "engram.table" not in n}
@@ -298,7 +394,7 @@ def test_sharded_training_matches_single_process(runs, variant: str) -> None:
 
 
 def test_dedup_sends_fewer_ids_than_requested(runs) -> None:
-    ranks, _, _ = runs
+    ranks, *_ = runs
     requested, sent = map(sum, zip(*ranks[0]["ddp-all_to_all"]["dedup"], strict=True))
     assert 0 < sent < requested  # tiny batches repeat few n-grams, but the pad rows repeat
 
@@ -370,3 +466,269 @@ def test_out_of_range_row_is_refused_before_any_exchange(single_rank) -> None:
     table = ShardedTable(10, 4, group=single_rank)
     with pytest.raises(IndexError, match=r"\[0, 10\)"):
         table.lookup(torch.tensor([10]))
+
+
+# --- building, checkpoints, the step count (same launch as the training variants) ----------
+def test_shards_are_drawn_as_one_process_draws_the_whole_table(runs) -> None:
+    """build_model never holds a whole table, yet every shard and every dense weight equals
+    one process's initialisation from the same seed, bit for bit."""
+    ranks, *_ = runs
+    reference = _model()
+    for r, result in enumerate(ranks):
+        for name, p in reference.named_parameters():
+            if "engram.table" not in name:
+                assert torch.equal(result["built"]["params"][name], p), f"rank {r} {name}"
+        for name, shard in result["built"]["shards"].items():
+            start, stop = shard["rows"]
+            full = reference.get_submodule(name).weight[start:stop]
+            assert torch.equal(shard["weight"], full), f"rank {r} rows [{start}, {stop})"
+
+
+def test_two_rank_checkpoint_loads_in_one_process_with_identical_tables(runs) -> None:
+    ranks, _, _, out, _ = runs
+    model = _model()
+    optimizers = build_optimizers(model, TRAIN)
+    load_checkpoint(out / "sharded", model=model, optimizers=optimizers)
+    state = optimizers["tables"].state_dict()["state"]
+    for name in ranks[0]["checkpoints"]["saved"]:
+        table = model.get_submodule(name)
+        index = model.engram_tables().index(table)
+        for r, result in enumerate(ranks):
+            shard = result["checkpoints"]["saved"][name]
+            start, stop = shard["rows"]
+            assert torch.equal(table.weight[start:stop], shard["weight"]), f"rank {r} weights"
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(state[index][k][start:stop], shard[k]), f"rank {r} {k}"
+            assert state[index]["step"] == shard["step"] == 1
+
+
+def test_one_process_checkpoint_loads_on_two_ranks_with_identical_rows(runs) -> None:
+    ranks, _, _, _, (single, table_state) = runs
+    for r, result in enumerate(ranks):
+        for name, shard in result["checkpoints"]["loaded"].items():
+            start, stop = shard["rows"]
+            table = single.get_submodule(name)
+            moments = table_state[single.engram_tables().index(table)]
+            assert torch.equal(shard["weight"], table.weight[start:stop]), f"rank {r} weights"
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(shard[k], moments[k][start:stop]), f"rank {r} {k}"
+            assert shard["step"] == moments["step"] == 1
+        for name, p in single.named_parameters():
+            if "engram.table" not in name:
+                assert torch.equal(result["checkpoints"]["loaded_params"][name], p), name
+
+
+def test_idle_shard_steps_with_its_table(runs) -> None:
+    ranks, *_ = runs
+    assert [result["idle_step"] for result in ranks] == [1, 1]
+
+
+# --- pure parts of a launch -----------------------------------------------------------------
+def test_rank_batches_split_one_stream_between_ranks() -> None:
+    tokens = torch.arange(500).numpy()
+    stream = TrainBatches(tokens, 2, 8, seed=3)
+    expected = [next(stream).input_ids for _ in range(6)]
+    for rank in range(WORLD):
+        mine = RankBatches(TrainBatches(tokens, 2, 8, seed=3), rank, WORLD, hash_fn=None)
+        got = [next(mine).input_ids for _ in range(3)]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected[rank::WORLD], strict=True))
+        assert mine.state_dict()["batches_drawn"] == 6  # every rank at the same position
+
+
+@pytest.mark.parametrize("num_batches", [1, 4, 5])
+def test_share_gives_every_rank_the_same_number_of_forwards(num_batches: int) -> None:
+    batches = list(range(num_batches))
+    shares = [
+        list(Launch(r, 3, r, torch.device("cpu"), owns_group=False).share(batches))
+        for r in range(3)
+    ]
+    assert len({len(s) for s in shares}) == 1
+    counted = sorted(b for share in shares for b, keep in share if keep)
+    assert counted == batches
+
+
+# --- training through the CLI under torchrun, on real text ----------------------------------
+PAGES = ("json", "functools", "enum", "dataclasses", "contextlib", "shutil", "hashlib", "struct")
+CLI_STEPS = 4
+MODEL_TOML = """
+[model]
+num_layers = 3
+hidden_size = 64
+num_heads = 4
+num_kv_heads = 4
+ffn_hidden_size = 128
+num_experts = 4
+experts_per_token = 2
+num_shared_experts = 1
+expert_hidden_size = 64
+first_dense_layers = 1
+max_seq_len = 32
+
+[model.engram]
+table_sizes = [503, 503]
+heads_per_ngram = 2
+embed_dim_per_ngram = 16
+layer_ids = [1]
+hc_mult = 1
+"""
+
+
+def _train_fields(corpus: Path, out: Path, grad_accum: int) -> dict[str, Any]:
+    """4 windows per micro-batch: 2 ranks x ``grad_accum`` = 1 process x 2 ``grad_accum``."""
+    return dict(
+        data=str(corpus), vocab_size=512, seq_len=32, batch_size=4, grad_accum=grad_accum,
+        steps=CLI_STEPS, warmup_steps=2, eval_every=2, eval_batches=3, ckpt_every=2,
+        log_every=1, out_dir=str(out),
+    )  # fmt: skip
+
+
+def _torchrun(config: Path, env: dict[str, str], *flags: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd += [str(WORLD), "-m", "engramlm.cli", "train", "--config", str(config), *flags]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
+
+
+def _resume_ranks(rank: int, jobs: list[tuple[int, dict[str, Any]]]) -> None:
+    """A spawned rank resuming each run in turn with ``train``, as a torchrun worker would
+    (the same environment variables, a rendezvous on ``port``): one process start for all."""
+    torch.set_num_threads(1)
+    model_cfg = ModelConfig.from_dict(tomllib.loads(MODEL_TOML)["model"])
+    for port, fields in jobs:
+        env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": WORLD, "MASTER_PORT": port}
+        os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
+        train(model_cfg, TrainConfig(**fields), resume=True, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _interrupted_copy(run: Path, dest: Path) -> Path:
+    """The run as if it had crashed after its step-2 checkpoint."""
+    shutil.copytree(run, dest)
+    shutil.rmtree(checkpoint_dir(dest, CLI_STEPS))
+    (dest / "checkpoints" / "latest").write_text(checkpoint_dir(dest, 2).name + "\n")
+    return dest
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two ranks (disk shards, DDP, grad_accum 2) vs one process (grad_accum 4), and resumes
+    from their step-2 checkpoints: on two ranks, two ranks -> one process, one process -> two
+    ranks (FSDP2, host shards)."""
+    library = Path("/usr/share/doc/python3.11/html/_sources/library")
+    if not all((library / f"{p}.rst.txt").exists() for p in PAGES):
+        pytest.skip("python3.11-doc is not installed: run `make data`")
+    root = tmp_path_factory.mktemp("torchrun")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in PAGES:
+        shutil.copy(library / f"{name}.rst.txt", corpus)
+    env = {**os.environ, "ENGRAMLM_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    model_cfg = ModelConfig.from_dict(tomllib.loads(MODEL_TOML)["model"])
+    config = root / "model.toml"
+    config.write_text(MODEL_TOML)
+    two_ranks = {"grad_accum": 2, "table_storage": "disk"}  # disk shards, rank<r>/ folders
+
+    def one_process(out: Path, resume: bool = False) -> None:
+        cfg = TrainConfig(**_train_fields(corpus, out, grad_accum=2 * WORLD))
+        train(model_cfg, cfg, resume=resume, progress=False)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ENGRAMLM_CACHE", env["ENGRAMLM_CACHE"])  # spawned ranks inherit it
+            one_process(root / "one")  # also fills the corpus cache the ranks read
+            fields = _train_fields(corpus, root / "two", grad_accum=2) | two_ranks
+            _torchrun(config, env, *(f"--train.{k}={v}" for k, v in fields.items()))
+            two_to_one = _interrupted_copy(root / "two", root / "two_to_one")
+            one_process(two_to_one, resume=True)
+            two_again = _interrupted_copy(root / "two", root / "two_again")
+            one_to_two = _interrupted_copy(root / "one", root / "one_to_two")
+            jobs = [
+                (_free_port(), _train_fields(corpus, two_again, 2) | two_ranks),
+                (_free_port(), _train_fields(corpus, one_to_two, 2) | {"dense_parallel": "fsdp"}),
+            ]
+            ctx = torch.multiprocessing.get_context("spawn")
+            procs = [ctx.Process(target=_resume_ranks, args=(r, jobs)) for r in range(WORLD)]
+            for proc in procs:
+                proc.start()
+            for proc in procs:
+                proc.join(240)
+            codes = [proc.exitcode for proc in procs]
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            assert codes == [0] * WORLD, f"resuming ranks exited with {codes}"
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "one": root / "one",
+        "two": root / "two",
+        "two_again": two_again,
+        "two_to_one": two_to_one,
+        "one_to_two": one_to_two,
+    }
+
+
+def _assert_same_curve(got: Path, expected: Path, atol: float) -> None:
+    a, b = _metrics(got), _metrics(expected)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, CLI_STEPS + 1))
+    for key in ("loss", "val_loss", "tokens"):
+        x = torch.tensor([r.get(key, 0.0) for r in a], dtype=torch.float64)
+        y = torch.tensor([r.get(key, 0.0) for r in b], dtype=torch.float64)
+        torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=f"{key}: {got} vs {expected}")
+
+
+def test_torchrun_training_matches_one_process_on_the_same_global_batch(cli_runs) -> None:
+    _assert_same_curve(cli_runs["two"], cli_runs["one"], atol=1e-6)
+
+
+def test_torchrun_resume_on_the_same_world_size_is_bitwise(cli_runs) -> None:
+    _assert_same_curve(cli_runs["two_again"], cli_runs["two"], atol=0.0)
+    final = checkpoint_dir(cli_runs["two"], CLI_STEPS) / "table_shards"
+    again = checkpoint_dir(cli_runs["two_again"], CLI_STEPS) / "table_shards"
+    for file in sorted(final.rglob("*.engt")):  # disk shards: weights and both moments
+        assert file.read_bytes() == (again / file.relative_to(final)).read_bytes(), file
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(cli_runs) -> None:
+    _assert_same_curve(cli_runs["two_to_one"], cli_runs["two"], atol=1e-6)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks_with_fsdp(cli_runs) -> None:
+    _assert_same_curve(cli_runs["one_to_two"], cli_runs["one"], atol=1e-6)
+
+
+def test_sharded_run_evaluates_in_one_process(cli_runs) -> None:
+    """``engramlm eval`` (one process) on a two-rank run scores what the ranks reported."""
+    run = cli_runs["two"]
+    manifest = json.loads((checkpoint_dir(run, CLI_STEPS) / "manifest.json").read_text())
+    (table,) = manifest["table_shards"]["tables"]
+    rows = [(s["start"], s["stop"]) for s in table["shards"]]
+    assert rows == [shard_range(r, table["num_rows"], WORLD) for r in range(WORLD)]
+    loss, _, _ = evaluate_run(run, max_batches=3, table_storage="device")
+    assert abs(loss - _metrics(run)[-1]["val_loss"]) < 1e-6
+    model, _ = load_run(run)
+    assert model.engram_tables()[0].weight.shape[0] == table["num_rows"]
+
+
+def test_corrupt_shard_fails_verification_and_loading_falls_back(cli_runs, tmp_path) -> None:
+    run = shutil.copytree(cli_runs["two"], tmp_path / "run")
+    final = checkpoint_dir(run, CLI_STEPS)
+    shard = next((final / "table_shards" / "rank00001").rglob("weight.engt"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rank00001"):
+        verify_checkpoint(final)
+    record = load_checkpoint(run, model=load_run(run)[0], optimizers=None)
+    assert record["step"] == 2  # the newest checkpoint that verifies

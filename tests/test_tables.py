@@ -5,11 +5,13 @@ The shared suite is parametrised over backends (device, host, disk when
 batches in flight at once, and prefetches overtaken by a write), and training - one step of a
 table, a tiny EngramLM, and full ``train()`` runs - bitwise equal (fp32) to the device table
 trained with SparseAdam. Then conversion between backends, checkpoints that move between
-them, and exact resume of every tier (disk tables through the snapshots in checkpoints).
+them, and exact resume of every tier (disk tables through the snapshots in checkpoints), also
+onto another tier (Adam moments included), and ``engramlm tables export|import``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +41,7 @@ from engramlm.tables import (
 )
 from engramlm.tables import offload as offload_module
 from engramlm.tables.plan import read_rows
-from engramlm.train import TrainConfig, build_optimizers, load_run, train
+from engramlm.train import TrainConfig, build_optimizers, evaluate_run, load_run, train
 
 NUM_ROWS, DIM = 97, 8
 
@@ -384,13 +386,15 @@ def checkpoint_tensors(run: Path, file: str) -> dict[str, torch.Tensor]:
 TABLE = "layers.1.engram.table"  # tiny_config's Engram layer, as a module name
 
 
-def table_state(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    """Weights and Adam moments of the Engram table in a checkpoint, whatever its tier."""
+def table_state(run: Path, step: int = STEPS, table: str = TABLE, index: int = 0) -> dict[str, Any]:
+    """Weights, Adam moments and Adam step of an Engram table in a checkpoint, whatever its tier;
+    ``index`` is the table's place in layer order, which indexes the ``tables`` optimiser."""
     ckpt = checkpoint_dir(run, step)
-    snapshot = ckpt / "tables" / TABLE
+    saved = json.loads((ckpt / "optimizer.json").read_text())["optimizers"]["tables"]["state"]
+    out: dict[str, Any] = {"step": dict((i, e) for i, e in saved)[index]["step"]}
+    snapshot = ckpt / "tables" / table
     if snapshot.is_dir():  # disk: a header (rows, dim at bytes 16..32), float32 rows at 4096
-        assert f"{TABLE}.weight" not in load_file(ckpt / "model.safetensors")
-        out = {}
+        assert f"{table}.weight" not in load_file(ckpt / "model.safetensors")
         for name in ("weight", "exp_avg", "exp_avg_sq"):
             file = snapshot / f"{name}.engt"
             num_rows, dim = np.fromfile(file, dtype="<u8", count=2, offset=16)
@@ -400,24 +404,34 @@ def table_state(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     model = load_file(ckpt / "model.safetensors")
     opt = load_file(ckpt / "optimizer.safetensors")
     return {
-        "weight": model[f"{TABLE}.weight"],
-        "exp_avg": opt["opt.tables.state.0.exp_avg"],
-        "exp_avg_sq": opt["opt.tables.state.0.exp_avg_sq"],
+        **out,
+        "weight": model[f"{table}.weight"],
+        "exp_avg": opt[f"opt.tables.state.{index}.exp_avg"],
+        "exp_avg_sq": opt[f"opt.tables.state.{index}.exp_avg_sq"],
     }
 
 
+def is_table(key: str) -> bool:
+    return ".engram.table." in key or key.startswith("opt.tables.state.")
+
+
 def dense_tensors(run: Path, file: str, step: int = STEPS) -> dict[str, torch.Tensor]:
-    """A checkpoint file's tensors other than the Engram table's (which are tier-specific)."""
+    """A checkpoint file's tensors other than the Engram tables' (which are tier-specific)."""
     tensors = load_file(checkpoint_dir(run, step) / file)
-    return {k: v for k, v in tensors.items() if "state.0.exp_avg" not in k and TABLE not in k}
+    return {k: v for k, v in tensors.items() if not is_table(k)}
 
 
-def assert_same_state(run: Path, reference: Path, step: int = STEPS) -> None:
+def assert_same_state(
+    run: Path, reference: Path, step: int = STEPS, tables: tuple[str, ...] = (TABLE,)
+) -> None:
     for file in ("model.safetensors", "optimizer.safetensors"):
         got, want = dense_tensors(run, file, step), dense_tensors(reference, file, step)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    got, want = table_state(run, step), table_state(reference, step)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    for index, table in enumerate(tables):
+        got, want = table_state(run, step, table, index), table_state(reference, step, table, index)
+        assert got["step"] == want["step"] > 0
+        for name in ("weight", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(got[name], want[name]), f"{table} {name}"
 
 
 @pytest.mark.parametrize("storage", ["host", "disk"])
@@ -447,6 +461,57 @@ def test_offloaded_tables_resume_bitwise(
     assert f"at step {CKPT_EVERY}" in caplog.text
     assert losses(run) == losses(runs[storage])
     assert_same_state(run, runs[storage])
+
+
+# Switching tiers at a checkpoint: weights, Adam moments and Adam steps carry over
+
+SWITCH_STEPS, SWITCH_AT = 5, 3
+TWO_TABLES = ("layers.0.engram.table", "layers.2.engram.table")
+
+
+def switch_config(corpus: PreparedCorpus, out_dir: Path, storage: str) -> TrainConfig:
+    cfg = run_config(corpus, out_dir, storage)
+    return dataclasses.replace(cfg, steps=SWITCH_STEPS, ckpt_every=SWITCH_AT)
+
+
+@pytest.fixture(scope="module")
+def switch_runs(
+    corpus: PreparedCorpus, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """5 steps on each tier with two Engram tables; checkpoints at steps 3 and 5."""
+    root = tmp_path_factory.mktemp("switch")
+    for storage in STORAGES:
+        cfg = switch_config(corpus, root / storage, storage)
+        train(tiny_config((0, 2)), cfg, corpus=corpus, progress=False)
+    return {storage: root / storage for storage in STORAGES}
+
+
+@pytest.mark.parametrize(
+    ("trained", "resumed"), [(a, b) for a in STORAGES for b in STORAGES if a != b]
+)
+def test_resuming_on_another_tier_continues_bitwise(
+    corpus: PreparedCorpus,
+    switch_runs: dict[str, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    trained: str,
+    resumed: str,
+) -> None:
+    """3 steps on one tier, checkpoint, 2 more on another == 5 steps on the first (fp32)."""
+    run = tmp_path / "run"
+    shutil.copytree(switch_runs[trained], run)
+    shutil.rmtree(checkpoint_dir(run, SWITCH_STEPS))
+    with caplog.at_level(logging.INFO, logger="engramlm.train"):
+        train(
+            tiny_config((0, 2)),
+            switch_config(corpus, run, resumed),
+            resume=True,
+            corpus=corpus,
+            progress=False,
+        )
+    assert f"at step {SWITCH_AT}" in caplog.text
+    assert losses(run) == losses(switch_runs[trained])
+    assert_same_state(run, switch_runs[trained], SWITCH_STEPS, TWO_TABLES)
 
 
 def flip_a_bit(file: Path) -> None:
@@ -525,3 +590,153 @@ def test_exported_disk_tables_hold_the_checkpoint_rows(
     folder = tmp_path / "tables/engram_layer1"
     table = disk_table(folder, *weights.shape, cache_bytes=1 << 20, create=False)
     assert torch.equal(all_rows(table), weights)
+
+
+def test_evaluating_on_any_tier_gives_the_same_loss(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = str(PYDOCS_LIBRARY / "json.rst.txt")
+    scores = {
+        storage: evaluate_run(runs["device"], data=text, max_batches=2, table_storage=storage)
+        for storage in STORAGES
+    }
+    assert scores["host"] == scores["device"] == scores["disk"]
+    assert not list(runs["device"].glob(".eval-*"))  # the disk tier's scratch tables are gone
+    args = ["--run", str(runs["device"]), "--data", text, "--max-batches", "2"]
+    main(["eval", *args, "--table-storage", "disk"])
+    assert f"loss {scores['disk'][0]:.4f} nats" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# engramlm tables import: the inverse of export, into a run's newest checkpoint
+
+
+def export(run: Path, out: Path) -> Path:
+    main(["tables", "export", "--run", str(run), "--out", str(out)])
+    return out
+
+
+def import_into(run: Path, tables: Path, storage: str | None = None) -> None:
+    args = ["tables", "import", "--tables", str(tables), "--run", str(run)]
+    main(args + (["--storage", storage] if storage else []))
+
+
+@pytest.mark.parametrize(("trained", "storage"), [(t, s) for t in STORAGES for s in STORAGES])
+def test_importing_a_runs_export_leaves_it_bitwise_unchanged_on_any_tier(
+    runs: dict[str, Path], tmp_path: Path, trained: str, storage: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[trained], run)
+    import_into(run, export(runs[trained], tmp_path / "exported"), storage)
+    snapshot = checkpoint_dir(run, STEPS) / "tables" / TABLE
+    assert snapshot.is_dir() == (storage == "disk")  # stored the way the chosen tier stores it
+    assert json.loads((run / "config.json").read_text())["train"]["table_storage"] == storage
+    verify_checkpoint(checkpoint_dir(run, STEPS))
+    assert_same_state(run, runs[trained])  # weights, Adam moments and steps, bitwise
+
+
+def test_imported_rows_replace_the_checkpoint_rows_and_keep_its_moments(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    from engramlm.tables.disk import DiskStore
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["device"], run)
+    exported = export(run, tmp_path / "exported")
+    with DiskStore.open(exported / "engram_layer1" / "weight.engt") as store:
+        store.write(torch.tensor([0, 5]), torch.full((2, store.dim), 0.5))
+    import_into(run, exported)
+    got, before = table_state(run), table_state(runs["device"])
+    expected = before["weight"].clone()
+    expected[[0, 5]] = 0.5
+    assert torch.equal(got["weight"], expected)
+    assert torch.equal(got["exp_avg"], before["exp_avg"]) and got["step"] == before["step"]
+
+
+def flip_a_data_bit(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[4096 + 8] ^= 0x01  # inside the first row
+    file.write_bytes(bytes(data))
+
+
+def edit_manifest(key: str, value: object) -> Any:
+    def edit(folder: Path) -> None:
+        manifest = json.loads((folder / "tables.json").read_text())
+        if key == "tokenizer_fingerprint":
+            manifest[key] = value
+        else:
+            manifest["engram"][key] = value
+        (folder / "tables.json").write_text(json.dumps(manifest))
+
+    return edit
+
+
+def replace_weights(num_rows_delta: int, dtype: torch.dtype = torch.float32) -> Any:
+    def replace(folder: Path) -> None:
+        from engramlm.tables.disk import DiskStore
+
+        file = folder / "engram_layer1" / "weight.engt"
+        with DiskStore.open(file) as old:
+            shape = (old.num_rows + num_rows_delta, old.dim)
+        file.unlink()
+        DiskStore.create(file, *shape, dtype=dtype).close()
+        (folder / "tables.json").unlink()  # a disk-tier folder: shapes are all there is to check
+
+    return replace
+
+
+def leave_open(folder: Path) -> Any:
+    from engramlm.tables.disk import DiskStore
+
+    store = DiskStore.open(folder / "engram_layer1" / "weight.engt")
+    store.write(torch.tensor([1]), torch.ones(1, store.dim))
+    store.flush()  # rows are in the file, but no checksum: the writer has not closed it
+    return store
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (edit_manifest("seed", 7), r"model\.engram\.seed: tables 7, run 0"),
+        (edit_manifest("tokenizer_fingerprint", "0123"), "tokenizer_fingerprint: tables '0123'"),
+        (replace_weights(+1), r"weight\.engt is \[\d+, 16\], the run's engram_layer1 table is"),
+        (replace_weights(0, torch.bfloat16), "stores torch.bfloat16 rows"),
+        (lambda f: os.rename(f / "engram_layer1", f / "engram_layer2"), r"\['engram_layer2'\]"),
+        (lambda f: truncate(f / "engram_layer1" / "weight.engt"), "truncated"),
+        (lambda f: flip_a_data_bit(f / "engram_layer1" / "weight.engt"), "checksum mismatch"),
+        (lambda f: (f / "engram_layer1" / "weight.engt.journal").write_bytes(b"x"), "journaled"),
+        (leave_open, "not closed cleanly"),
+    ],
+    ids=[
+        "hash",
+        "tokenizer",
+        "shape",
+        "dtype",
+        "layers",
+        "truncated",
+        "corrupt",
+        "journal",
+        "open",
+    ],
+)
+def test_import_refuses_tables_that_do_not_fit_naming_the_problem_and_leaves_the_run(
+    runs: dict[str, Path], tmp_path: Path, damage: Any, problem: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs["host"], run)
+    exported = export(run, tmp_path / "exported")
+    still_open = damage(exported)
+    with pytest.raises(SystemExit, match=problem):
+        import_into(run, exported, "disk")
+    if damage is leave_open:
+        still_open.close()
+    assert_same_state(run, runs["host"])
+    assert json.loads((run / "config.json").read_text())["train"]["table_storage"] == "host"
+
+
+def test_import_of_one_tables_folder_says_to_pass_its_parent(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    exported = export(runs["host"], tmp_path / "exported")
+    with pytest.raises(SystemExit, match="pass the folder that holds the engram_layer<i> folders"):
+        import_into(runs["host"], exported / "engram_layer1")

@@ -14,7 +14,11 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<N:08d>/`` holding
                              states, the resolved config, the tokenizer fingerprint;
 - ``tables/<module>/*.engt`` copies of file-backed Engram tables (the disk tier: weights and
                              both Adam moments), one folder per table module; see below;
-- ``manifest.json``          size and checksum of every other file, written last.
+- ``table_shards/``          a sharded run's Engram tables (``engramlm.distributed``): per rank
+                             ``rank<r>.safetensors`` (its rows of each table and their Adam
+                             moments) or, for disk-tier shards, ``rank<r>/<module>/*.engt``;
+- ``manifest.json``          size and checksum of every other file, written last; for a sharded
+                             run also which rows each shard holds (``table_shards``).
 
 Disk tables (SPEC §5) are too big for a state dict, and training keeps rewriting their live
 files after a checkpoint, so the checkpoint holds a snapshot: at save time each store is
@@ -25,6 +29,14 @@ computed during the copy) instead of a SHA-256, which would cost another full re
 copies the snapshot back into the live files (resume), or reads its weights into a table of
 another tier (serving). An undo log (cost O(rows touched since the checkpoint)) would scale
 better for tables of hundreds of GB; the snapshot was chosen for simplicity.
+
+Sharded runs (SPEC §5): every rank writes its own rows into the staging directory
+(:func:`write_table_shards`), then rank 0 writes everything else and commits
+(``save_checkpoint(staging=..., table_shards=...)``) with the same atomic rename. The dense
+files are those of a one-process run, so any process loads a sharded checkpoint: a model with
+whole tables gets each table put together from the shards (``engramlm eval``, ``generate``, a
+resume on one process), and a sharded model reads only its own rows, from shards of any world
+size or from a one-process checkpoint (:class:`TableRows`).
 
 Nothing is pickled: everything loads with safetensors and json, so a checkpoint from an
 untrusted source cannot run code.
@@ -48,7 +60,8 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,18 +82,39 @@ TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_TENSORS, OPTIMIZER_JSON, TRAINER_TENSORS, TRAINER_JSON)
 TABLES_DIR = "tables"
+SHARDS_DIR = "table_shards"
+TABLE_TENSORS = ("weight", "exp_avg", "exp_avg_sq")  # per table row: weights, Adam moments
 
 _STEP_RE = re.compile(r"step_(\d+)")
 _TMP_RE = re.compile(r"(?:step_\d+|latest)\.tmp-(\d+)(?:\..*)?")
 # JSON stand-ins for values JSON cannot hold: a tensor (stored in a safetensors file under the
 # given key) and a tuple (so optimizer betas and user tuples come back as tuples).
 _TENSOR_TAG = "__tensor__"
-_RESERVED_KEYS = {"rng", "config", "tokenizer_fingerprint", "path", "torch_version", "created_unix"}
+# The keys load_checkpoint adds to the trainer state it returns (so save_checkpoint refuses them).
+RESERVED_KEYS = {"rng", "config", "tokenizer_fingerprint", "path", "torch_version", "created_unix"}
 _TUPLE_TAG = "__tuple__"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is incomplete, corrupt, or does not fit what it is being loaded into."""
+
+
+@dataclass(frozen=True)
+class TableShard:
+    """Rows ``[start, stop)`` of the table module ``name`` (``num_rows`` rows in all) that this
+    process holds in ``table``, an :class:`~engramlm.tables.OffloadedTable` addressed by
+    shard-local ids (global row - ``start``), whose ``step_count`` is its optimiser's step."""
+
+    name: str
+    start: int
+    stop: int
+    num_rows: int
+    table: Any
+
+
+# A loaded tensor and the model's (or optimiser's) own one -> the loaded values in the own
+# one's layout: the identity, or an FSDP2 DTensor sharded like it (``engramlm.distributed``).
+Place = Callable[[Tensor, Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,14 +130,21 @@ def save_checkpoint(
     run_dir: str | os.PathLike[str],
     step: int,
     *,
-    model: nn.Module,
-    optimizers: Mapping[str, torch.optim.Optimizer],
+    model: nn.Module | Mapping[str, Tensor],
+    optimizers: Mapping[str, torch.optim.Optimizer | Mapping[str, Any]],
     trainer_state: Mapping[str, Any],
     config: Mapping[str, Any],
     tokenizer_fingerprint: str | None = None,
     keep: int = 3,
+    staging: Path | None = None,
+    table_shards: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write a checkpoint for ``step`` atomically and return its directory.
+
+    ``model`` and each optimizer may be given as their state dicts instead (gathered from
+    FSDP shards, say). A sharded run passes the ``staging`` directory of
+    :func:`stage_checkpoint` and the ranks' :func:`write_table_shards` records, whose files
+    are already in it: they join the manifest, which also records each shard's rows.
 
     ``trainer_state`` is anything the loop needs to resume (tokens seen, the data loader's
     state dict, ...): nested dicts with string keys, lists, tuples, str/int/float/bool/None and
@@ -122,21 +163,22 @@ def save_checkpoint(
         raise ValueError(f"keep must be >= 1 (the checkpoint just written is kept), got {keep}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    reserved = sorted(k for k in _RESERVED_KEYS & trainer_state.keys())
+    reserved = sorted(k for k in RESERVED_KEYS & trainer_state.keys())
     if reserved:
         raise ValueError(f"trainer_state keys {reserved} are reserved by the checkpoint record")
     if trainer_state.get("step", step) != step:
         raise ValueError(f"trainer_state['step'] is {trainer_state['step']}, saving step {step}")
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(root)
-
     final = checkpoint_dir(run_dir, step)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    if staging is None:
+        tmp = stage_checkpoint(run_dir, step)
+    elif staging.parent != root or not staging.name.startswith(f"{final.name}.tmp-"):
+        raise ValueError(f"{staging} is not a staging directory for {final}")
+    else:
+        tmp = staging
 
-    _write_model(tmp / MODEL_FILE, model)
-    table_files = _write_table_files(tmp / TABLES_DIR, model)
+    _write_model(tmp / MODEL_FILE, model if isinstance(model, Mapping) else model.state_dict())
+    table_files = {} if isinstance(model, Mapping) else _write_table_files(tmp / TABLES_DIR, model)
     _write_optimizers(tmp, optimizers)
     trainer_tensors: dict[str, Tensor] = {}
     record = {
@@ -159,7 +201,12 @@ def save_checkpoint(
     }
     for name, crc in table_files.items():
         files[name] = {"bytes": (tmp / name).stat().st_size, "engt_crc32": crc}
-    _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
+    manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+    if table_shards:
+        for record in table_shards:
+            files.update(record["files"])
+        manifest["table_shards"] = _shard_layout(table_shards)
+    _write_json(tmp / MANIFEST, manifest)
     _fsync_path(tmp)
 
     if final.exists():
@@ -194,6 +241,8 @@ def load_checkpoint(
     config: Mapping[str, Any] | None = None,
     tokenizer_fingerprint: str | None = None,
     restore_rng: bool = True,
+    table_shards: Sequence[TableShard] = (),
+    place: Place | None = None,
 ) -> dict[str, Any]:
     """Restore a checkpoint into ``model`` and ``optimizers`` in place; return its record.
 
@@ -206,15 +255,18 @@ def load_checkpoint(
     names as at save time; ``None`` or ``{}`` restores the model only (evaluation, export).
     ``restore_rng`` sets the python/numpy/torch RNGs to their state at save time.
 
+    A sharded model (``engramlm.distributed``) passes the rows it holds as ``table_shards``:
+    each shard reads its rows, their Adam moments and the step from the checkpoint, whatever
+    its layout (shards of any world size, or whole tables); the tables' optimiser is then not
+    in ``optimizers``. ``place`` puts each loaded tensor into the layout of the model's own
+    (FSDP2 DTensors). A model with whole tables loads a sharded checkpoint's tables put
+    together from the shards.
+
     Returns the saved ``trainer_state`` (tensors on CPU, tuples as tuples) with these keys
     added: ``step``, ``rng``, ``config``, ``tokenizer_fingerprint``, ``path``,
     ``torch_version``, ``created_unix``.
     """
-    path = Path(path_or_run_dir)
-    if _is_checkpoint_dir(path):
-        verify_checkpoint(path)
-    else:
-        path = _newest_verified(path)
+    path = resolve_checkpoint(path_or_run_dir)
 
     record = json.loads((path / TRAINER_JSON).read_text())
     if config is not None:
@@ -229,9 +281,17 @@ def load_checkpoint(
                 what="tokenizer",
             )
 
-    _read_model(path / MODEL_FILE, model, map_location, tables=path / TABLES_DIR)
+    sharded = {shard.name for shard in table_shards}
+    moments = _read_model(path, model, map_location, sharded=sharded, place=place)
     if optimizers:
-        _read_optimizers(path, optimizers, map_location)
+        _read_optimizers(
+            path, optimizers, map_location, moments, sharded=bool(sharded), place=place
+        )
+    rows = checkpoint_tables(path, [shard.name for shard in table_shards]) if sharded else {}
+    for shard in table_shards:
+        if shard.name not in rows:
+            raise CheckpointError(f"{path} holds no rows of the table {shard.name!r}")
+        rows[shard.name].load_into(shard)
     trainer_tensors, _ = _load_tensors(path / TRAINER_TENSORS, "cpu")
     rng = _decode(record["rng"], trainer_tensors)
     if restore_rng:
@@ -247,6 +307,16 @@ def load_checkpoint(
         "torch_version": record["torch_version"],
         "created_unix": record["created_unix"],
     }
+
+
+def resolve_checkpoint(path_or_run_dir: str | os.PathLike[str]) -> Path:
+    """A verified checkpoint directory: ``path_or_run_dir`` itself (an error if it fails), or
+    its run directory's ``latest``, falling back to the newest checkpoint that verifies."""
+    path = Path(path_or_run_dir)
+    if _is_checkpoint_dir(path):
+        verify_checkpoint(path)
+        return path
+    return _newest_verified(path)
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> None:
@@ -393,13 +463,13 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # Model and optimizer files
 
 
-def _write_model(file: Path, model: nn.Module) -> None:
+def _write_model(file: Path, state: Mapping[str, Tensor]) -> None:
     """Save the state dict once per storage; safetensors refuses tensors that share memory."""
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     views: dict[tuple[Any, ...], str] = {}
     storages: set[tuple[str, int]] = set()
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         t = t.detach()
         if t.numel() == 0:
             tensors[name] = t.cpu()
@@ -436,42 +506,70 @@ def _write_table_files(directory: Path, model: nn.Module) -> dict[str, int]:
 
 
 def _read_model(
-    file: Path, model: nn.Module, map_location: str | torch.device, *, tables: Path
-) -> None:
-    """Load the state dict and the table snapshots under ``tables`` (if any).
+    path: Path,
+    model: nn.Module,
+    map_location: str | torch.device,
+    *,
+    sharded: set[str],
+    place: Place | None,
+) -> dict[nn.Module, dict[str, Tensor]]:
+    """Load the state dict, the table snapshots under ``tables/`` and a sharded run's tables.
 
     A snapshot goes back into a file-backed table of the model (a resume: weights and moments
     roll back to the checkpoint) or, for a table of another tier, its weights join the state
-    dict under ``<module>.weight``, the key every tier loads (moments are not carried over).
+    dict under ``<module>.weight``, the key every tier loads, and its Adam moments are returned
+    ({table module: {"exp_avg": ..., "exp_avg_sq": ...}}) for :func:`_read_optimizers`. So
+    does a sharded run's table, put together from its shards. Tables named in ``sharded`` are
+    left out: the model holds some of their rows only, which :class:`TableRows` loads.
     """
-    state, meta = _load_tensors(file, map_location)
+    moments: dict[nn.Module, dict[str, Tensor]] = {}
+    file, tables = path / MODEL_FILE, path / TABLES_DIR
+    skip = {f"{name}.weight" for name in sharded}
+    state, meta = _load_tensors(file, map_location, skip=skip)
     for alias, name in json.loads(meta.get("aliases", "{}")).items():
-        state[alias] = state[name]
+        if alias not in skip:
+            state[alias] = state[name]
     for folder in sorted(tables.iterdir()) if tables.is_dir() else []:
+        if folder.name in sharded:
+            continue
         try:
             module = model.get_submodule(folder.name)
         except AttributeError as e:
             raise CheckpointError(f"{folder}: the model has no module {folder.name!r}") from e
-        from engramlm.tables.disk import TableFileError, snapshot_weights
+        from engramlm.tables.disk import TableFileError, snapshot_moments, snapshot_weights
 
         try:
             if getattr(module, "has_files", False):
                 module.load_files(folder)
             else:
                 state[f"{folder.name}.weight"] = snapshot_weights(folder)
+                moments[module] = snapshot_moments(folder)
         except TableFileError as e:
             raise CheckpointError(str(e)) from e
+    for name, rows in checkpoint_tables(path).items() if _shard_layout_of(path) else ():
+        if name in sharded:
+            continue
+        state[f"{name}.weight"] = rows.read("weight", 0, rows.num_rows)
+        kinds = TABLE_TENSORS[1:]
+        found = {k: rows.read(k, 0, rows.num_rows) for k in kinds}
+        moments[model.get_submodule(name)] = {k: v for k, v in found.items() if v is not None}
+    if place is not None:
+        own = model.state_dict()
+        state = {k: place(v, own[k]) if k in own else v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{file} does not fit the model: {e}") from e
+    return moments
 
 
-def _write_optimizers(directory: Path, optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
+def _write_optimizers(
+    directory: Path, optimizers: Mapping[str, torch.optim.Optimizer | Mapping[str, Any]]
+) -> None:
     tensors: dict[str, Tensor] = {}
     saved: dict[str, Any] = {}
     for name, opt in optimizers.items():
-        sd = opt.state_dict()
+        sd = opt if isinstance(opt, Mapping) else opt.state_dict()
         saved[name] = {
             # A list of [param_idx, entries] pairs keeps integer indices integers.
             "state": [
@@ -485,12 +583,21 @@ def _write_optimizers(directory: Path, optimizers: Mapping[str, torch.optim.Opti
 
 
 def _read_optimizers(
-    path: Path, optimizers: Mapping[str, torch.optim.Optimizer], map_location: str | torch.device
+    path: Path,
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    map_location: str | torch.device,
+    table_moments: Mapping[nn.Module, dict[str, Tensor]],
+    *,
+    sharded: bool = False,
+    place: Place | None = None,
 ) -> None:
+    """Load each optimizer's state; with ``sharded`` the tables' optimiser (``"tables"``) is
+    not among ``optimizers``: the shards load their moments with their rows."""
     saved = json.loads((path / OPTIMIZER_JSON).read_text())["optimizers"]
-    if set(saved) != set(optimizers):
+    expected = set(saved) - {"tables"} if sharded else set(saved)
+    if expected != set(optimizers):
         raise CheckpointError(
-            f"{path / OPTIMIZER_JSON}: checkpoint has optimizers {sorted(saved)}, "
+            f"{path / OPTIMIZER_JSON}: checkpoint has optimizers {sorted(expected)}, "
             f"got {sorted(optimizers)}"
         )
     tensors, _ = _load_tensors(path / OPTIMIZER_TENSORS, map_location)
@@ -500,10 +607,272 @@ def _read_optimizers(
             "state": {idx: _decode(v, tensors) for idx, v in entry["state"]},
             "param_groups": _decode(entry["param_groups"], tensors),
         }
+        _add_table_moments(opt, sd["state"], table_moments)
+        if place is not None:
+            params = [p for group in opt.param_groups for p in group["params"]]
+            for idx, entries in sd["state"].items():
+                for key, value in entries.items():
+                    if isinstance(value, Tensor) and value.shape == params[idx].shape:
+                        entries[key] = place(value, params[idx])
         try:
             opt.load_state_dict(sd)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"optimizer {name!r} from {path} does not fit: {e}") from e
+
+
+def _add_table_moments(
+    opt: torch.optim.Optimizer,
+    state: dict[int, dict[str, Any]],
+    table_moments: Mapping[nn.Module, dict[str, Tensor]],
+) -> None:
+    """Put a disk snapshot's Adam moments into the saved state of the table they belong to.
+
+    A disk-tier checkpoint keeps only each table's ``step`` in the optimizer state, its moments
+    in the snapshot; a table of another tier keeps them in its optimizer's state (SparseAdam,
+    or TableAdam over host memory), indexed like the optimizer's params: the table's weight
+    Parameter (SparseAdam) or the table itself (TableAdam).
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for module, moments in table_moments.items():
+        for index, param in enumerate(params):
+            if param is module or param is getattr(module, "weight", None):
+                state.setdefault(index, {"step": 0}).update(moments)
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded tables (engramlm.distributed)
+
+
+def stage_checkpoint(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """Create the staging directory of ``step``'s checkpoint (after removing leftovers of
+    crashed saves); :func:`save_checkpoint` fills it and commits it with one rename."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(root)
+    tmp = root / f"{checkpoint_dir(run_dir, step).name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def write_table_shards(staging: Path, rank: int, shards: Sequence[TableShard]) -> dict[str, Any]:
+    """Write this rank's rows of each table, and their Adam moments, into ``staging``.
+
+    In-memory shards go into one ``table_shards/rank<r>.safetensors`` (``<module>.weight``,
+    ``.exp_avg``, ``.exp_avg_sq``, each [stop - start, dim]); disk-tier shards are
+    snapshotted by their own machinery into ``table_shards/rank<r>/<module>/``. Everything is
+    fsynced. Returns what :func:`save_checkpoint` puts into the manifest: each file's size and
+    checksum, each shard's rows and step.
+    """
+    from engramlm.tables.offload import resident
+
+    files: dict[str, dict[str, Any]] = {}
+    entries: list[dict[str, Any]] = []
+    tensors: dict[str, Tensor] = {}
+    rank_file = f"{SHARDS_DIR}/rank{rank:05d}.safetensors"
+    for shard in shards:
+        n, table = shard.stop - shard.start, shard.table
+        if n == 0:
+            continue  # the trailing ranks of a small table own no rows
+        entry = {
+            "name": shard.name,
+            "rank": rank,
+            "start": shard.start,
+            "stop": shard.stop,
+            "num_rows": shard.num_rows,
+            "dim": table.dim,
+            "step": table.step_count,
+        }
+        if table.has_files:
+            entry["folder"] = folder = f"{SHARDS_DIR}/rank{rank:05d}/{shard.name}"
+            for file, crc in table.save_files(staging / folder).items():
+                size = (staging / folder / file).stat().st_size
+                files[f"{folder}/{file}"] = {"bytes": size, "engt_crc32": crc}
+            _fsync_path(staging / folder)
+        else:
+            entry["file"] = rank_file
+            for kind, store in zip(TABLE_TENSORS, table.stores, strict=True):
+                data = resident(store)
+                assert data is not None  # our invariant: a table without files is in memory
+                tensors[f"{shard.name}.{kind}"] = data[:n]
+        entries.append(entry)
+    if tensors:
+        (staging / SHARDS_DIR).mkdir(exist_ok=True)
+        _save_tensors(staging / rank_file, tensors)
+        file = staging / rank_file
+        files[rank_file] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    if entries:
+        _fsync_path(staging / SHARDS_DIR)
+    return {"files": files, "shards": entries}
+
+
+def _shard_layout(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ranks' records -> the manifest's ``table_shards``: each table's shards by row."""
+    tables: dict[str, dict[str, Any]] = {}
+    for entry in (e for record in records for e in record["shards"]):
+        keys = ("name", "num_rows", "dim", "step")
+        table = tables.setdefault(entry["name"], {k: entry[k] for k in keys} | {"shards": []})
+        # Our invariants: every rank steps every table (distributed.ShardedTableAdam), and the
+        # shards partition the rows (distributed.shard_range).
+        assert table["step"] == entry["step"], (table, entry)
+        keys = ("rank", "start", "stop", "file", "folder")
+        table["shards"].append({k: entry[k] for k in keys if k in entry})
+    for table in tables.values():
+        table["shards"].sort(key=lambda e: e["start"])
+        bounds = [(e["start"], e["stop"]) for e in table["shards"]]
+        assert bounds[0][0] == 0 and bounds[-1][1] == table["num_rows"], bounds
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False)), bounds
+    return {"world_size": len(records), "tables": list(tables.values())}
+
+
+def _shard_layout_of(path: Path) -> dict[str, Any] | None:
+    return json.loads((path / MANIFEST).read_text()).get("table_shards")
+
+
+@dataclass(frozen=True)
+class _RowPiece:
+    """Global rows [start, stop) of one table in one place: safetensors keys or a snapshot."""
+
+    start: int
+    stop: int
+    keys: Mapping[str, tuple[Path, str]]  # "weight" / "exp_avg" / "exp_avg_sq" -> (file, key)
+    folder: Path | None = None  # a disk-tier snapshot, memory-mapped
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """One Engram table's rows in a checkpoint, read by range whatever layout holds them: the
+    shards of a sharded run (any world size) or a one-process run's whole table.
+
+    Only the rows asked for are read (safetensors slices, memory-mapped snapshots), so a rank
+    loading its shard never holds the whole table. ``step`` is the table optimiser's step.
+    """
+
+    name: str
+    num_rows: int
+    dim: int
+    step: int
+    pieces: tuple[_RowPiece, ...]
+
+    def has(self, kind: str) -> bool:
+        """Whether the checkpoint holds rows of ``kind`` (no moments: a table never stepped)."""
+        from safetensors import safe_open
+
+        for piece in self.pieces:
+            if piece.folder is None:
+                file, key = piece.keys[kind]
+                with safe_open(file, framework="pt") as f:
+                    if key not in f.keys():
+                        return False
+        return True
+
+    def read(self, kind: str, start: int, stop: int) -> Tensor | None:
+        """[stop - start, dim] float32 rows of ``kind`` (``weight``, ``exp_avg``,
+        ``exp_avg_sq``); ``None`` when the checkpoint holds none (see :meth:`has`)."""
+        from safetensors import safe_open
+
+        from engramlm.tables.disk import snapshot_moments, snapshot_weights
+
+        if not self.has(kind):
+            return None
+        parts = []
+        for piece in self.pieces:
+            a, b = max(start, piece.start) - piece.start, min(stop, piece.stop) - piece.start
+            if a >= b:
+                continue
+            if piece.folder is not None:
+                rows = (
+                    snapshot_weights(piece.folder)
+                    if kind == "weight"
+                    else snapshot_moments(piece.folder)[kind]
+                )
+                parts.append(rows[a:b].clone())
+                continue
+            file, key = piece.keys[kind]
+            with safe_open(file, framework="pt") as f:
+                parts.append(f.get_slice(key)[a:b].float())
+        return torch.cat(parts) if parts else torch.zeros(0, self.dim)
+
+    @torch.no_grad()
+    def load_into(self, shard: TableShard) -> None:
+        """Rows [shard.start, shard.stop), their moments and the step -> the shard's table.
+
+        A disk-tier shard saved with these very rows is rolled back to its snapshot instead
+        (bit for bit, without reading the rows through memory).
+        """
+        from engramlm.tables.offload import row_chunks
+
+        table, n = shard.table, shard.stop - shard.start
+        if (shard.num_rows, table.dim) != (self.num_rows, self.dim):
+            raise CheckpointError(
+                f"table {self.name!r} is [{self.num_rows}, {self.dim}] in the checkpoint, "
+                f"[{shard.num_rows}, {table.dim}] in the model"
+            )
+        same = [p for p in self.pieces if (p.start, p.stop) == (shard.start, shard.stop)]
+        if table.has_files and same and same[0].folder is not None:
+            table.load_files(same[0].folder)
+        else:
+            table.pending.clear()
+            for kind, store in zip(TABLE_TENSORS, table.stores, strict=True):
+                if not self.has(kind):
+                    store.zero_()  # never stepped: Adam starts from zero moments
+                    continue
+                for a, b in row_chunks(n):
+                    values = self.read(kind, shard.start + a, shard.start + b)
+                    assert values is not None  # our invariant: weights are always saved
+                    if kind == "weight":
+                        table.write_range(a, values)
+                    else:
+                        store.write_range(a, values)
+            table.flush()
+        table.step_count = self.step
+
+
+def checkpoint_tables(path: Path, names: Sequence[str] = ()) -> dict[str, TableRows]:
+    """The Engram tables of checkpoint ``path`` as :class:`TableRows`, by module name.
+
+    A sharded checkpoint lists its tables in its manifest. A one-process checkpoint does not
+    say which modules are tables: ``names`` gives them, in the order of the tables'
+    optimiser (``EngramLM.engram_tables``); their weights are ``<name>.weight`` in the model
+    file or a disk-tier snapshot, their moments the ``"tables"`` optimiser's state.
+    """
+    layout = _shard_layout_of(path)
+    if layout is not None:
+        out = {}
+        for t in layout["tables"]:
+            pieces = []
+            for e in t["shards"]:
+                keys = {}
+                if "file" in e:
+                    keys = {k: (path / e["file"], f"{t['name']}.{k}") for k in TABLE_TENSORS}
+                folder = path / e["folder"] if "folder" in e else None
+                pieces.append(_RowPiece(e["start"], e["stop"], keys, folder))
+            out[t["name"]] = TableRows(t["name"], t["num_rows"], t["dim"], t["step"], tuple(pieces))
+        return out
+    from safetensors import safe_open
+
+    from engramlm.tables.disk import snapshot_weights
+
+    optimizers = json.loads((path / OPTIMIZER_JSON).read_text())["optimizers"]
+    steps = {i: entry.get("step", 0) for i, entry in optimizers.get("tables", {}).get("state", [])}
+    with safe_open(path / MODEL_FILE, framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    out = {}
+    for i, name in enumerate(names):
+        moments = {
+            k: (path / OPTIMIZER_TENSORS, f"opt.tables.state.{i}.{k}") for k in TABLE_TENSORS
+        }
+        if f"{name}.weight" in shapes:
+            num_rows, dim = shapes[f"{name}.weight"]
+            piece = _RowPiece(
+                0, num_rows, {**moments, "weight": (path / MODEL_FILE, f"{name}.weight")}
+            )
+        elif (path / TABLES_DIR / name).is_dir():
+            num_rows, dim = snapshot_weights(path / TABLES_DIR / name).shape
+            piece = _RowPiece(0, num_rows, {}, path / TABLES_DIR / name)
+        else:
+            raise CheckpointError(f"{path} holds no table {name!r}")
+        out[name] = TableRows(name, num_rows, dim, int(steps.get(i, 0)), (piece,))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,12 +960,13 @@ def _save_tensors(
 
 
 def _load_tensors(
-    file: Path, map_location: str | torch.device
+    file: Path, map_location: str | torch.device, skip: set[str] | None = None
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     with safe_open(file, framework="pt", device=str(map_location)) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not skip or k not in skip}
+        return tensors, dict(f.metadata() or {})
 
 
 def _write_json(file: Path, obj: Any) -> None:

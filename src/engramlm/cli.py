@@ -1,10 +1,11 @@
 """The ``engramlm`` command: parses flags into configs and calls one function; nothing else.
 
     engramlm train --config recipes/tiny.toml --train.steps=200 --model.hidden_size=128
-    engramlm eval --run runs/train [--data FILE]
+    engramlm eval --run runs/train [--data FILE] [--table-storage disk]
     engramlm generate --run runs/train --prompt "The list type" [--temperature 0.8]
     engramlm compare [--steps N] [--out runs/compare]
     engramlm tables export --run runs/train --out tables/
+    engramlm tables import --tables tables/ --run runs/train [--storage disk]
     engramlm retrofit --model-dir hf_model/ --out runs/retrofit --steps 200 --engram.layer_ids=[1]
 
 A config file is TOML with ``[model]`` (``[model.engram]`` nested) and ``[train]`` tables; any
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -86,23 +88,32 @@ def load_configs(path: str | None, overrides: list[str]) -> tuple[ModelConfig, A
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Train a model on real text (see engramlm.train)."""
+    """Train a model on real text (see engramlm.train); under torchrun, data-parallel with the
+    Engram tables sharded across the ranks (engramlm.distributed)."""
     from engramlm.train import train
 
     model_cfg, train_cfg = load_configs(args.config, overrides)
     result = train(model_cfg, train_cfg, resume=args.resume)
-    print(
-        f"done: {result.steps} steps, {result.tokens:,} tokens, val loss {result.val_loss:.4f} "
-        f"nats, {result.val_bpb:.4f} bits/byte, {result.tokens_per_s:,.0f} tok/s "
-        f"-> {result.out_dir}"
-    )
+    if _rank() == 0:
+        print(
+            f"done: {result.steps} steps, {result.tokens:,} tokens, val loss "
+            f"{result.val_loss:.4f} nats, {result.val_bpb:.4f} bits/byte, "
+            f"{result.tokens_per_s:,.0f} tok/s -> {result.out_dir}"
+        )
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints and logs info."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     """Validation loss and bits per byte of a trained run, on its split or on a text file."""
     from engramlm.train import evaluate_run
 
-    loss, bpb, tokens = evaluate_run(args.run, data=args.data, max_batches=args.max_batches)
+    loss, bpb, tokens = evaluate_run(
+        args.run, data=args.data, max_batches=args.max_batches, table_storage=args.table_storage
+    )
     print(
         f"{args.data or 'validation split'}: loss {loss:.4f} nats, {bpb:.4f} bits/byte, "
         f"{tokens:,} tokens"
@@ -140,10 +151,22 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_tables_export(args: argparse.Namespace, overrides: list[str]) -> None:
     """Write a trained run's Engram tables as disk tables (one folder per layer)."""
-    from engramlm.train import export_tables
+    from engramlm.table_io import export_tables
 
     for path in export_tables(args.run, args.out):
         print(f"wrote {path}")
+
+
+def cmd_tables_import(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Put exported (or disk-tier) Engram tables into a run's newest checkpoint, stored the
+    way --storage keeps tables; the run's Adam moments are kept."""
+    from engramlm.table_io import import_tables
+
+    try:
+        path = import_tables(args.run, args.tables, storage=args.storage)
+    except (ValueError, FileNotFoundError) as e:  # TableFileError is a ValueError
+        raise SystemExit(f"error: {e}") from e
+    print(f"imported the tables of {args.tables} into {path}")
 
 
 def cmd_retrofit(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -215,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
     p.add_argument("--data", help="a text file/folder/.jsonl to score instead of the val split")
     p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument(
+        "--table-storage",
+        choices=["device", "host", "disk"],
+        help="where the Engram tables live while scoring (default: the run's table_storage)",
+    )
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__)
@@ -232,12 +260,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.set_defaults(fn=cmd_compare)
 
-    p = sub.add_parser("tables", help="convert Engram tables between storage tiers")
+    p = sub.add_parser("tables", help="move Engram tables out of and into a run's checkpoints")
     tables = p.add_subparsers(dest="tables_command", required=True)
     p = tables.add_parser("export", help=cmd_tables_export.__doc__)
     p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
     p.add_argument("--out", required=True, help="a new folder for the disk tables")
     p.set_defaults(fn=cmd_tables_export)
+    p = tables.add_parser("import", help=cmd_tables_import.__doc__)
+    p.add_argument("--tables", required=True, help="a folder of engram_layer<i> disk tables")
+    p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
+    p.add_argument(
+        "--storage",
+        choices=["device", "host", "disk"],
+        help="how the checkpoint stores the tables (default: the run's table_storage)",
+    )
+    p.set_defaults(fn=cmd_tables_import)
 
     from engramlm.experiments import EXPERIMENTS
 
@@ -273,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO if _rank() == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -16,6 +16,13 @@ equals the uninterrupted run's bit for bit (fp32 on CPU): model, optimiser, RNG 
 are all restored, and the schedule is a pure function of the step. Disk tables live in
 ``<out_dir>/tables/``; each checkpoint holds a snapshot of their files (``engramlm.checkpoint``),
 and a resume rebuilds the live files from it, so they resume exactly too.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains data-parallel with the Engram
+tables sharded row-wise across the ranks (``engramlm.distributed``, SPEC §5): ``batch_size`` is
+per rank and per micro-batch, so one step consumes ``batch_size x grad_accum x world`` windows,
+the same windows, in the same order, as one process with ``grad_accum x world`` micro-batches,
+and its losses equal that run's. Rank 0 alone logs and writes the run's files; checkpoints are
+sharded (every rank writes its rows) and load into any world size, one process included.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +58,7 @@ from engramlm.data import (
 )
 from engramlm.model import EngramLM
 from engramlm.tables import DeviceTable, OffloadedTable, TableAdam, TablePlan
+from engramlm.tables.plan import TableKind
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +90,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     table_storage: Literal["device", "host", "disk"] = "device"  # SPEC §5; see tables.plan
     table_cache_mb: int = 256  # disk tier: row cache per table (files: <out_dir>/tables/)
+    dense_parallel: Literal["ddp", "fsdp"] = "ddp"  # torchrun: the dense part (tables sharded)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "eval_batches")
@@ -102,6 +113,8 @@ class TrainConfig:
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _ = self.table_plan  # validates table_storage and table_cache_mb
+        if self.dense_parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"dense_parallel must be 'ddp' or 'fsdp', got {self.dense_parallel!r}")
 
     @property
     def table_plan(self) -> TablePlan:
@@ -207,18 +220,27 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 
 
 @torch.no_grad()
-def evaluate(model: EngramLM, batches: ValBatches, cfg: TrainConfig, device: torch.device) -> float:
-    """Token-weighted mean cross-entropy (nats) over the validation windows."""
+def evaluate(
+    model: EngramLM,
+    batches: ValBatches,
+    cfg: TrainConfig,
+    device: torch.device,
+    launch: Any = None,
+) -> float:
+    """Token-weighted mean cross-entropy (nats) over the validation windows; with a
+    ``distributed.Launch``, each rank scores its share and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
+    for batch, counted in launch.share(batches) if launch else ((b, True) for b in batches):
         batch = batch.to(device)
         with _autocast(cfg, device):
             out = model(batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets)
-        n = batch.targets.numel()
+        n = batch.targets.numel() if counted else 0
         total += float(out.loss) * n
         count += n
+    if launch is not None:
+        total, count = launch.sum(total, count)
     model.train(was_training)
     if count == 0:
         raise ValueError("validation split produced no windows; lower seq_len or eval size")
@@ -226,21 +248,27 @@ def evaluate(model: EngramLM, batches: ValBatches, cfg: TrainConfig, device: tor
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, rows past the resumed step are dropped first."""
+    """Append-only JSONL; on resume, rows past the resumed step are dropped first. Without a
+    ``path`` (ranks other than 0) the rows are only kept in memory."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path | None, resume_step: int | None) -> None:
         self.path = path
-        rows = []
-        if resume_step is not None and path.exists():
+        rows: list[dict[str, Any]] = []
+        if path is None:
+            pass
+        elif resume_step is not None and path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if r["step"] <= resume_step]
         elif path.exists():
             path.unlink()
-        self.rows: list[dict[str, Any]] = rows
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.rows = rows
+        if path is not None:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        if self.path is None:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -267,11 +295,19 @@ def train(
             "lower seq_len or raise max_seq_len"
         )
     device = torch.device(device)
+    launch = None  # one process; under torchrun, this rank's place (engramlm.distributed)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from engramlm import distributed
+
+        launch = distributed.launch_from_env(device)
+        device = launch.device
+    main = launch is None or launch.is_main
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = corpus or prepare_corpus(
-        cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, seed=cfg.seed
-    )
+    with launch.main_first() if launch else contextlib.nullcontext():  # rank 0 fills the cache
+        corpus = corpus or prepare_corpus(
+            cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, seed=cfg.seed
+        )
     model_cfg = _bind_vocab(model_cfg, corpus)
     configs = {
         "model": model_cfg.to_dict(),
@@ -280,19 +316,33 @@ def train(
     }
 
     tables_dir = cfg.table_plan.path
-    if tables_dir is not None and Path(tables_dir).exists():
-        # The live files hold the rows of the last step written, not of any checkpoint: a
-        # resume rebuilds them and rolls them back to the checkpoint's snapshot.
-        why = "resuming from a checkpoint's snapshot" if resume else "starting from scratch"
-        logger.warning("%s: removing the live disk tables in %s", why, tables_dir)
-        shutil.rmtree(tables_dir)
+    with launch.main_first() if launch else contextlib.nullcontext():
+        if main and tables_dir is not None and Path(tables_dir).exists():
+            # The live files hold the rows of the last step written, not of any checkpoint: a
+            # resume rebuilds them and rolls them back to the checkpoint's snapshot.
+            why = "resuming from a checkpoint's snapshot" if resume else "starting from scratch"
+            logger.warning("%s: removing the live disk tables in %s", why, tables_dir)
+            shutil.rmtree(tables_dir)
     torch.manual_seed(cfg.seed)
     vocab = corpus.compressed_vocab if model_cfg.engram else None
-    model = EngramLM(model_cfg, vocab, tables=cfg.table_plan).to(device)
+    if launch is None:
+        model = net = EngramLM(model_cfg, vocab, tables=cfg.table_plan).to(device)
+    else:
+        plan = distributed.ParallelPlan(dense=cfg.dense_parallel, tables=cfg.table_plan)
+        model, net = distributed.build_model(model_cfg, vocab, plan, device=device)
+    world = 1 if launch is None else launch.world
     try:
         optimizers = build_optimizers(model, cfg)
+        if launch is not None and distributed.sharded_tables(model):
+            optimizers["tables"] = distributed.table_optimizer(
+                distributed.sharded_tables(model), lr=cfg.lr * cfg.table_lr_mult
+            )
         train_batches = TrainBatches(
-            corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, hash_fn=model.compute_hash_ids
+            corpus.train,
+            cfg.batch_size,
+            cfg.seq_len,
+            seed=cfg.seed,
+            hash_fn=model.compute_hash_ids if launch is None else None,
         )
         val_batches = ValBatches(
             corpus.val,
@@ -320,18 +370,22 @@ def train(
                     what="tokenizer",
                 )
             # The run directory, not ``ckpt``: falls back past checkpoints that fail verification.
-            state = load_checkpoint(out, model=model, optimizers=optimizers, map_location=device)
+            load = load_checkpoint if launch is None else distributed.load_checkpoint
+            state = load(out, model=model, optimizers=optimizers, map_location=device)
             start_step, tokens_seen = int(state["step"]), int(state["tokens"])
             train_seconds = float(state.get("train_seconds", 0.0))
             train_batches.load_state_dict(state["data"])
             logger.info("resumed from %s at step %d", state["path"], start_step)
-        (out / "config.json").write_text(json.dumps(configs, indent=2))
-        corpus.tokenizer.save(str(out / "tokenizer.json"))
-        corpus.compressed_vocab.save(out / "compressed_vocab.json")
-        metrics = MetricsLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
+        if main:
+            (out / "config.json").write_text(json.dumps(configs, indent=2))
+            corpus.tokenizer.save(str(out / "tokenizer.json"))
+            corpus.compressed_vocab.save(out / "compressed_vocab.json")
+        metrics = MetricsLog(
+            out / "metrics.jsonl" if main else None, start_step if ckpt is not None else None
+        )
 
         def save(step: int) -> None:
-            save_checkpoint(
+            (save_checkpoint if launch is None else distributed.save_checkpoint)(
                 out,
                 step,
                 model=model,
@@ -351,36 +405,49 @@ def train(
         dense_params = [p for p in model.dense_parameters() if p.requires_grad]
         val_loss = float("nan")
         last_load: list[list[float]] | None = None
-        bar = _progress(cfg.steps, start_step, progress)
-        stream = Prefetcher(train_batches, depth=2)
+        bar = _progress(cfg.steps, start_step, progress and main)
+        stream = Prefetcher(
+            train_batches
+            if launch is None
+            else distributed.RankBatches(
+                train_batches, launch.rank, launch.world, model.compute_hash_ids
+            ),
+            depth=2,
+        )
         try:
             for step in range(start_step, cfg.steps):
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg)
                 set_lr(optimizers, lr, cfg)
                 loss_sum = 0.0
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     batch = next(stream).to(device)
-                    with _autocast(cfg, device):
-                        loss = model(
-                            batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets
-                        ).loss
-                    (loss / cfg.grad_accum).backward()
+                    sync = contextlib.nullcontext()  # ranks sync dense gradients once per step
+                    if launch is not None:
+                        sync = distributed.gradient_sync(net, micro + 1 == cfg.grad_accum)
+                    with sync:
+                        with _autocast(cfg, device):
+                            loss = net(
+                                batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets
+                            ).loss
+                        (loss / cfg.grad_accum).backward()
                     loss_sum += float(loss.detach())
-                    tokens_seen += batch.input_ids.numel()
-                grad_norm = float(
-                    torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip, foreach=False)
-                )
+                    tokens_seen += batch.input_ids.numel() * world
+                norm = torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip, foreach=False)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 for opt in optimizers.values():
                     opt.step()
                 for opt in optimizers.values():
                     opt.zero_grad(set_to_none=True)
+                if launch is not None:  # the bias update sees the global batch's loads
+                    distributed.all_reduce_expert_counts(model)
+                    loss_sum = launch.sum(loss_sum)[0] / world
                 loads = model.update_moe_biases()
                 if loads:
                     last_load = [v.tolist() for v in loads.values()]
                 dt = time.perf_counter() - t0
                 train_seconds += dt
-                step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+                step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
                 row: dict[str, Any] = {
                     "step": step + 1,
                     "loss": loss_sum / cfg.grad_accum,
@@ -392,7 +459,7 @@ def train(
                 }
                 last = step + 1 == cfg.steps
                 if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-                    val_loss = evaluate(model, val_batches, cfg, device)
+                    val_loss = evaluate(model, val_batches, cfg, device, launch)
                     row["val_loss"] = val_loss
                     row["val_bpb"] = corpus.val.bits_per_byte(val_loss)
                 if (step + 1) % max(1, cfg.log_every) == 0 or "val_loss" in row or last:
@@ -411,7 +478,7 @@ def train(
             bar.close()
 
         if start_step >= cfg.steps:  # resumed a finished run: evaluate what is there
-            val_loss = evaluate(model, val_batches, cfg, device)
+            val_loss = evaluate(model, val_batches, cfg, device, launch)
         result = TrainResult(
             out_dir=str(out),
             steps=cfg.steps,
@@ -425,7 +492,10 @@ def train(
         )
     finally:
         model.close_tables()  # disk tables: flushed, checksummed, unlocked
-    (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+        if launch is not None:
+            launch.close()
+    if main:
+        (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result
 
 
@@ -437,14 +507,10 @@ def _bind_vocab(model_cfg: ModelConfig, corpus: PreparedCorpus) -> ModelConfig:
     )
 
 
-def load_run(
+def build_run_model(
     run_dir: str | Path, device: str | torch.device = "cpu", tables: TablePlan | None = None
-) -> tuple[EngramLM, Any]:
-    """The trained model and tokenizer of a run directory, from its last good checkpoint.
-
-    ``tables`` places the Engram tables (default: on ``device``), whatever tier the run
-    trained them on: a checkpoint's table weights do not depend on the backend.
-    """
+) -> tuple[EngramLM, Any, dict[str, Any]]:
+    """A run directory's model (initialised, not loaded), tokenizer and resolved configs."""
     from tokenizers import Tokenizer
 
     from engramlm.tokenization import CompressedVocab
@@ -459,43 +525,55 @@ def load_run(
     vocab.check_tokenizer(tokenizer)
     model_cfg = ModelConfig.from_dict(configs["model"])
     model = EngramLM(model_cfg, vocab if model_cfg.engram else None, tables=tables).to(device)
+    return model, tokenizer, configs
+
+
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", tables: TablePlan | None = None
+) -> tuple[EngramLM, Any]:
+    """The trained model and tokenizer of a run directory, from its last good checkpoint.
+
+    ``tables`` places the Engram tables (default: on ``device``), whatever tier the run
+    trained them on: a checkpoint's table weights do not depend on the backend.
+    """
+    model, tokenizer, _ = build_run_model(run_dir, device, tables)
     # The newest checkpoint that verifies; FileNotFoundError when there is none.
-    load_checkpoint(run, model=model, optimizers={}, map_location=device, restore_rng=False)
+    load_checkpoint(run_dir, model=model, optimizers={}, map_location=device, restore_rng=False)
     model.eval()
     return model, tokenizer
 
 
-def export_tables(run_dir: str | Path, out: str | Path) -> list[Path]:
-    """Write a run's Engram tables (its last good checkpoint) as disk tables under ``out``.
-
-    One folder per Engram layer, ``out/engram_layer<i>``, readable with
-    ``engramlm.tables.disk.disk_table(path, ..., create=False)`` to serve the model's tables
-    from disk (SPEC §5). The tables are written row chunk by row chunk as the checkpoint
-    loads; optimiser moments are not exported.
-    """
-    plan = TablePlan("disk", path=str(out))
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise FileExistsError(f"{out} is not empty; export into a new folder")
-    model, _ = load_run(run_dir, tables=plan)
-    paths = []
-    model.close_tables()  # flushes and records each file's checksum
-    for block in model.layers:
-        if block.engram is not None:
-            paths.append(Path(out) / f"engram_layer{block.layer_id}")
-    logger.info("exported %d tables from %s to %s", len(paths), run_dir, out)
-    return paths
-
-
 def evaluate_run(
-    run_dir: str | Path, *, data: str | None = None, max_batches: int | None = None
+    run_dir: str | Path,
+    *,
+    data: str | None = None,
+    max_batches: int | None = None,
+    table_storage: TableKind | None = None,
 ) -> tuple[float, float, int]:
-    """(loss nats, bits per byte, tokens scored) of a run on its validation split or ``data``."""
+    """(loss nats, bits per byte, tokens scored) of a run on its validation split or ``data``.
+
+    ``table_storage`` places the Engram tables (default: the tier the run trained on); disk
+    tables are rebuilt from the checkpoint in a temporary folder inside the run.
+    """
+    cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["train"])
+    storage = table_storage or cfg.table_storage
+    with contextlib.ExitStack() as stack:
+        live = None
+        if storage == "disk":
+            live = stack.enter_context(tempfile.TemporaryDirectory(dir=run_dir, prefix=".eval-"))
+        plan = TablePlan(storage, path=live, cache_mb=cfg.table_cache_mb)
+        model, tokenizer = load_run(run_dir, tables=plan)
+        stack.callback(model.close_tables)
+        return _evaluate_text(model, tokenizer, cfg, data, max_batches)
+
+
+def _evaluate_text(
+    model: EngramLM, tokenizer: Any, cfg: TrainConfig, data: str | None, max_batches: int | None
+) -> tuple[float, float, int]:
     import numpy as np
 
     from engramlm.data import load_documents, prepare_corpus, special_token_id
 
-    model, tokenizer = load_run(run_dir)
-    cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["train"])
     if data is None:
         corpus = prepare_corpus(
             cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, seed=cfg.seed

@@ -22,7 +22,8 @@ File format (one table, one file; all integers little-endian)::
     4096          num_rows * dim rows, row-major, in the storage dtype
 
 Data checksum trade-off: one checksum over all the data, computed (64 MiB at a time; holes of
-the sparse file are not read) only at :meth:`DiskStore.close` when something was written, and
+the sparse file are not read) only at :meth:`DiskStore.close` when something was written or no
+checksum is recorded yet (a new file; a file reopened after a crash, its journal replayed), and
 checked only by :meth:`DiskStore.verify` / ``open(verify=True)``: seconds per GB written.
 Keeping a checksum current on every write-back would mean re-reading whole blocks around each
 randomly scattered row (a Zipfian batch touches ~one row per block), multiplying disk traffic;
@@ -235,13 +236,14 @@ def _zeros(size: int) -> memoryview:
 
 
 def _read_snapshot_header(path: Path) -> tuple[int, int, int, int]:
-    """(dtype code, num_rows, dim, data crc) of a snapshot; refuses one without a valid crc."""
+    """(dtype code, num_rows, dim, data crc) of a closed table file (a snapshot, an export);
+    refuses one without a valid crc."""
     try:
         with open(path, "rb") as f:
             raw = f.read(_HEADER.size + _HEADER_CRC.size)
             size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise TableFileError(f"{path}: unreadable table snapshot ({e})") from e
+        raise TableFileError(f"{path}: unreadable table file ({e})") from e
     code, num_rows, dim, crc, state = _parse_header(path, raw)
     expected = DATA_OFFSET + num_rows * dim * _DTYPES[code][1].itemsize
     if size != expected:
@@ -249,7 +251,10 @@ def _read_snapshot_header(path: Path) -> tuple[int, int, int, int]:
             f"{path}: file is {size} bytes but its header implies {expected}; truncated"
         )
     if state != _CRC_VALID:
-        raise TableFileError(f"{path}: records no data checksum; not a complete snapshot")
+        raise TableFileError(
+            f"{path}: records no data checksum: it was not closed cleanly (still open, or its "
+            "writer stopped), so its rows are not known to be complete"
+        )
     return code, num_rows, dim, crc
 
 
@@ -268,7 +273,7 @@ def verify_snapshot(path: str | os.PathLike[str], expected_crc: int) -> None:
         os.close(fd)
     if actual != expected_crc or stored != expected_crc:
         raise TableFileError(
-            f"{path}: data checksum mismatch (corrupt table snapshot): recorded "
+            f"{path}: data checksum mismatch (corrupt table file): recorded "
             f"{expected_crc:#010x}, header {stored:#010x}, computed {actual:#010x}"
         )
 
@@ -279,15 +284,53 @@ def snapshot_weights(directory: str | os.PathLike[str]) -> Tensor:
     What serving a disk-trained checkpoint from another tier reads: a float32 file is mapped
     (copy-on-write, so nothing is read until the rows are copied into the target table).
     """
-    path = Path(directory) / f"{_STORE_FILES[0]}.engt"
+    return _snapshot_rows(Path(directory) / f"{_STORE_FILES[0]}.engt")
+
+
+def snapshot_moments(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The Adam moments ``{"exp_avg": [num_rows, dim], "exp_avg_sq": ...}`` float32 of a
+    :func:`disk_table` snapshot, mapped like :func:`snapshot_weights`: what resuming a
+    disk-trained checkpoint on another tier hands to that tier's optimiser."""
+    return {name: _snapshot_rows(Path(directory) / f"{name}.engt") for name in _STORE_FILES[1:]}
+
+
+def read_table_file(path: str | os.PathLike[str]) -> Tensor:
+    """The [num_rows, dim] rows of a closed table file, in its storage dtype, mapped
+    (copy-on-write: nothing is read until the rows are used; writes never reach the file).
+
+    What ``engramlm tables import`` copies from: a file of ``engramlm tables export``, a disk
+    run's live tables after training, a checkpoint's snapshot. Refuses, raising
+    :class:`TableFileError` naming the file, one that is truncated, has a corrupt header, was
+    not closed cleanly or still has writes in its journal; :func:`verify_table_file` checks
+    the data too.
+    """
+    path = Path(path)
+    journal = path.with_name(path.name + ".journal")
+    if journal.exists() and journal.stat().st_size:
+        raise TableFileError(
+            f"{journal}: {journal.stat().st_size} bytes of journaled writes are not in {path} "
+            "yet; open it once with DiskStore.open (which replays them) and close it"
+        )
     code, num_rows, dim, _ = _read_snapshot_header(path)
+    return _map_rows(path, code, num_rows, dim)
+
+
+def verify_table_file(path: str | os.PathLike[str]) -> None:
+    """Check a closed table file's data against the checksum in its header; raise
+    :class:`TableFileError` naming the file. Reads every byte: seconds per GB."""
+    verify_snapshot(path, _read_snapshot_header(Path(path))[3])
+
+
+def _snapshot_rows(path: Path) -> Tensor:  # -> [num_rows, dim] float32
+    return _map_rows(path, *_read_snapshot_header(path)[:3]).float()
+
+
+def _map_rows(path: Path, code: int, num_rows: int, dim: int) -> Tensor:
     torch_dtype, np_dtype = _DTYPES[code]
     rows = np.memmap(path, dtype=np_dtype, mode="c", offset=DATA_OFFSET, shape=(num_rows, dim))
-    if torch_dtype == torch.bfloat16:
-        return (
-            torch.from_numpy(np.ascontiguousarray(rows).view(np.int16)).view(torch.bfloat16).float()
-        )
-    return torch.from_numpy(rows).float()
+    if torch_dtype == torch.bfloat16:  # no numpy bfloat16: reinterpret the stored bits
+        return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(rows)
 
 
 class FrequencySketch:
@@ -806,12 +849,12 @@ class DiskStore:
         self._sketch = FrequencySketch(self.capacity)
 
     def close(self) -> None:
-        """Flush, record the data checksum if anything was written, release the file."""
+        """Flush, record the data checksum unless the recorded one is current, release the file."""
         if self._closed:
             return
         self.flush()
         with self._lock:
-            if self._written:
+            if self._written or self._crc_state != _CRC_VALID:
                 self._data_crc, self._crc_state = self._data_checksum(), _CRC_VALID
                 self._write_header()
             self._closed = True

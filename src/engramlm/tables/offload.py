@@ -322,6 +322,13 @@ class OffloadedTable(nn.Module):
         self._invalidate()
         self.weight_store.write(rows.to("cpu", torch.int64), values.to("cpu", torch.float32))
 
+    @torch.no_grad()
+    def write_range(self, start: int, values: Tensor) -> None:
+        """Overwrite weight rows [start, start + n) with [n, dim] ``values``: the bulk path
+        (sequential writes, no cache or journal on disk) for loading and importing tables."""
+        self._invalidate()
+        self.weight_store.write_range(start, values.to("cpu", torch.float32))
+
     def coalesced_grad(self) -> tuple[Tensor, Tensor] | None:
         """Sum the pending row gradients per row exactly as SparseAdam's ``grad.coalesce()``."""
         if not self.pending:
@@ -422,7 +429,7 @@ class OffloadedTable(nn.Module):
             )
             return
         for start, stop in row_chunks(self.num_rows):
-            self.write_rows(torch.arange(start, stop, device="cpu"), value[start:stop])
+            self.write_range(start, value[start:stop])
 
     def extra_repr(self) -> str:
         return (
@@ -451,8 +458,9 @@ class TableAdam:
         self.tables = list(tables)
         if not self.tables:
             raise ValueError("TableAdam needs at least one OffloadedTable")
+        # The tables stand where torch.optim keeps Parameters: state dicts number them in order.
         self.param_groups: list[dict[str, Any]] = [
-            {"lr": lr, "betas": betas, "eps": eps, "params": list(range(len(self.tables)))}
+            {"lr": lr, "betas": betas, "eps": eps, "params": list(self.tables)}
         ]
 
     @torch.no_grad()
@@ -489,7 +497,8 @@ class TableAdam:
     def state_dict(self) -> dict[str, Any]:
         """SparseAdam's layout: per table ``step`` and, for in-memory stores, the moments.
 
-        Moments of other tiers stay in their stores (flushed here), not in the state dict.
+        Moments of other tiers stay in their stores (flushed here), not in the state dict. The
+        layouts match, so a checkpoint moves between a device table's SparseAdam and this.
         """
         state: dict[int, dict[str, Any]] = {}
         for i, table in enumerate(self.tables):
@@ -500,9 +509,12 @@ class TableAdam:
             else:
                 entry.update(exp_avg=avg, exp_avg_sq=sq)
             state[i] = entry
-        return {"state": state, "param_groups": [dict(g) for g in self.param_groups]}
+        groups = [{**g, "params": list(range(len(g["params"])))} for g in self.param_groups]
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load this class's or ``SparseAdam``'s state dict (any tier: moments missing from it
+        stay as the table's own stores hold them, e.g. restored from a disk snapshot)."""
         groups, state = state_dict["param_groups"], state_dict["state"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.tables):
             raise ValueError(
@@ -510,7 +522,13 @@ class TableAdam:
                 f"{len(groups)} groups, this TableAdam has 1 group of {len(self.tables)}"
             )
         for i, table in enumerate(self.tables):
-            entry = state.get(i, {"step": 0})
+            table._invalidate()
+            if i not in state:  # SparseAdam has no state for a table it never stepped
+                table.exp_avg.zero_()
+                table.exp_avg_sq.zero_()
+                table.step_count = 0
+                continue
+            entry = state[i]
             for name, store in (("exp_avg", table.exp_avg), ("exp_avg_sq", table.exp_avg_sq)):
                 if name not in entry:
                     if resident(store) is not None:
@@ -522,9 +540,7 @@ class TableAdam:
                         f"{name} of table {i} is {list(value.shape)}, the table is "
                         f"[{table.num_rows}, {table.dim}]"
                     )
-                table._invalidate()
                 for start, stop in row_chunks(table.num_rows):
-                    rows = torch.arange(start, stop, device="cpu")
-                    store.write(rows, value[start:stop].to("cpu", torch.float32))
+                    store.write_range(start, value[start:stop].to("cpu", torch.float32))
             table.step_count = int(entry["step"])
-        self.param_groups = [dict(g) for g in groups]
+        self.param_groups = [{**groups[0], "params": list(self.tables)}]

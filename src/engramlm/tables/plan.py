@@ -121,6 +121,18 @@ def write_rows(table: Table, rows: Tensor, values: Tensor) -> None:
         raise TypeError(f"cannot write rows into a {type(table).__name__}")
 
 
+@torch.no_grad()
+def write_range(table: Table, start: int, values: Tensor) -> None:
+    """Overwrite weight rows [start, start + n) of a device or offloaded table with [n, dim]
+    ``values`` (any float dtype, any device): the bulk path for whole-table copies."""
+    if isinstance(table, OffloadedTable):
+        table.write_range(start, values)
+    elif isinstance(table, DeviceTable):
+        table.weight[start : start + values.shape[0]].copy_(values)
+    else:
+        raise TypeError(f"cannot write rows into a {type(table).__name__}")
+
+
 def convert_table(src: Table, dst: Table, *, chunk_rows: int | None = None) -> None:
     """Copy every weight row of ``src`` into ``dst`` (any backends), ``chunk_rows`` at a time
     (default ``offload.CHUNK_ROWS``).
@@ -133,8 +145,7 @@ def convert_table(src: Table, dst: Table, *, chunk_rows: int | None = None) -> N
             f"source table is [{src.num_rows}, {src.dim}], destination [{dst.num_rows}, {dst.dim}]"
         )
     for start, stop in row_chunks(src.num_rows, chunk_rows):
-        rows = torch.arange(start, stop)
-        write_rows(dst, rows, read_rows(src, rows.to(_device_of(src))))
+        write_range(dst, start, read_rows(src, torch.arange(start, stop, device=_device_of(src))))
     if isinstance(dst, OffloadedTable):
         dst.flush()
     logger.info("converted a [%d, %d] table", src.num_rows, src.dim)
