@@ -18,7 +18,13 @@ pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not
 
 from transformers import AutoModelForCausalLM, pipeline  # noqa: E402
 
-from engramlm import CompressedVocab, EngramLM, ModelConfig, TokenizerMismatchError  # noqa: E402
+from engramlm import (  # noqa: E402
+    CompressedVocab,
+    EngramConfig,
+    EngramLM,
+    ModelConfig,
+    TokenizerMismatchError,
+)
 from engramlm.checkpoint import save_checkpoint  # noqa: E402
 from engramlm.data import Document, train_tokenizer  # noqa: E402
 from engramlm.generate import generate_tokens  # noqa: E402
@@ -299,3 +305,13 @@ def test_export_run_writes_a_loadable_directory(
     loaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(loaded(prompt).logits, model(prompt).logits, rtol=0, atol=0)
+
+
+def test_overencoding_model_round_trips(tokenizer, tmp_path: Path) -> None:
+    oe = EngramConfig.preset("tiny", layer_ids=(0,), hc_mult=4, pad_id=0)
+    model = build_model(tokenizer, overencoding=oe)
+    EngramForCausalLM.from_engramlm(model, tokenizer).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.overencoding == oe.to_dict()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

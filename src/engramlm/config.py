@@ -10,7 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-GateForm = Literal["signed_sqrt", "plain"]
+GateForm = Literal["signed_sqrt", "plain", "none"]
+# EngramConfig's boolean ablation switches, all True in the full model.
+_ABLATION_SWITCHES = ("multi_branch", "compress_tokens", "short_conv")
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
@@ -39,6 +41,14 @@ class EngramConfig:
     say so: the gate's signed square root (``gate="signed_sqrt"``; ``"plain"`` is the paper's
     formula) and bias terms on the key/value projections (the demo's ``nn.Linear`` default).
     Layer ids are 0-based: the paper's "layer 2" is ``layer_ids=(1,)``.
+
+    Ablation switches (paper §6.2; ``engramlm experiment ablations``), each removing one
+    component, the defaults keeping the full model: ``gate="none"`` fixes alpha = 1 (no key
+    projections or norms); ``multi_branch=False`` gates once, on the streams fused by an mHC
+    pre-mapping, instead of once per branch (needs ``hc_mult > 1``); ``compress_tokens=False``
+    hashes raw token ids instead of the compressed ones (SPEC §2.1); ``short_conv=False``
+    drops the short convolution, so Y = alpha * v. Switches left at their defaults are left out
+    of :meth:`to_dict`, so configs saved before they existed read and compare unchanged.
     """
 
     table_sizes: tuple[int, ...] = (129280 * 5, 129280 * 5)  # per order 2..N, before primes
@@ -51,6 +61,9 @@ class EngramConfig:
     kernel_size: int = 4  # short conv kernel w; dilation is max_ngram
     hc_mult: int = 4  # M residual branches (1 = plain residual)
     gate: GateForm = "signed_sqrt"
+    multi_branch: bool = True  # one gate per residual branch (SPEC §2.8)
+    compress_tokens: bool = True  # hash compressed ids (SPEC §2.1); False: raw ids
+    short_conv: bool = True  # Y = SiLU(Conv1D(RMSNorm(U))) + U; False: Y = U
 
     def __post_init__(self) -> None:
         # Lists from JSON/TOML become tuples so the config stays hashable and immutable.
@@ -82,8 +95,18 @@ class EngramConfig:
         _check_int("seed", self.seed, 0)
         _check_int("kernel_size", self.kernel_size, 1)
         _check_int("hc_mult", self.hc_mult, 1)
-        if self.gate not in ("signed_sqrt", "plain"):
-            raise ValueError(f"gate must be 'signed_sqrt' or 'plain', got {self.gate!r}")
+        if self.gate not in ("signed_sqrt", "plain", "none"):
+            raise ValueError(
+                f"gate must be 'signed_sqrt', 'plain' or 'none' (alpha = 1), got {self.gate!r}"
+            )
+        for name in _ABLATION_SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not self.multi_branch and self.hc_mult == 1:
+            raise ValueError(
+                "multi_branch=False needs hc_mult > 1: with one residual stream there is a single "
+                "branch, nothing to fuse"
+            )
 
     # --- derived -----------------------------------------------------------------------------
     @property
@@ -105,6 +128,11 @@ class EngramConfig:
     def memory_dim(self) -> int:
         """E = d_mem = (N - 1) * embed_dim_per_ngram, the width of the retrieved e_t."""
         return self.num_orders * self.embed_dim_per_ngram
+
+    @property
+    def num_branches(self) -> int:
+        """Inputs Engram gates separately: ``hc_mult``, or 1 when ``multi_branch`` is off."""
+        return self.hc_mult if self.multi_branch else 1
 
     # --- presets and serialisation -----------------------------------------------------------
     @classmethod
@@ -135,6 +163,9 @@ class EngramConfig:
         d = dataclasses.asdict(self)
         d["table_sizes"] = list(self.table_sizes)
         d["layer_ids"] = list(self.layer_ids)
+        for name in _ABLATION_SWITCHES:  # only when switched off: older configs stay equal
+            if d[name]:
+                del d[name]
         return d
 
     @classmethod
@@ -162,6 +193,10 @@ class ModelConfig:
     the number of residual streams (1 = plain residual, 4 = the paper's mHC). ``engram`` places
     Engram modules at ``engram.layer_ids`` (0-based); ``compressed_vocab_size`` is V' of the
     tokenizer compression (SPEC §2.1), ``None`` meaning no compression (V' = V).
+    ``overencoding`` adds the Over-Encoding baseline (arXiv 2501.16975) to the input embedding:
+    hashed n-gram rows averaged into the token embedding (``engramlm.overencoding``); it reuses
+    EngramConfig's n-gram, head, table and width fields, needs ``layer_ids=(0,)`` and ignores
+    the gate, conv and ``hc_mult`` fields.
     """
 
     vocab_size: int = 256
@@ -183,10 +218,17 @@ class ModelConfig:
     tie_embeddings: bool = False
     engram: EngramConfig | None = None
     compressed_vocab_size: int | None = None  # V'; None = vocab_size (no compression)
+    overencoding: EngramConfig | None = None  # Over-Encoding baseline at the input embedding
 
     def __post_init__(self) -> None:
         if isinstance(self.engram, dict):
             object.__setattr__(self, "engram", EngramConfig.from_dict(self.engram))
+        if not getattr(self.engram, "compress_tokens", True):
+            # Engram hashes raw ids ("w/o tokenizer compression"): the model has no V', even
+            # when the training loop binds the tokenizer's (train._bind_vocab).
+            object.__setattr__(self, "compressed_vocab_size", None)
+        if isinstance(self.overencoding, dict):
+            object.__setattr__(self, "overencoding", EngramConfig.from_dict(self.overencoding))
         _check_int("vocab_size", self.vocab_size, 1)
         _check_int("num_layers", self.num_layers, 1)
         _check_int("hidden_size", self.hidden_size, 1)
@@ -232,6 +274,23 @@ class ModelConfig:
             _check_int("compressed_vocab_size", self.compressed_vocab_size, 1, self.vocab_size)
         if self.engram is not None:
             self._check_engram(self.engram)
+        if self.overencoding is not None:
+            self._check_overencoding(self.overencoding)
+
+    def _check_overencoding(self, oe: EngramConfig) -> None:
+        if not isinstance(oe, EngramConfig):
+            raise TypeError(
+                f"overencoding must be an EngramConfig or None, got {type(oe).__name__}"
+            )
+        if oe.layer_ids != (0,):
+            raise ValueError(
+                f"overencoding.layer_ids must be (0,): Over-Encoding acts on the input "
+                f"embedding, got {oe.layer_ids}"
+            )
+        if oe.pad_id >= self.vocab_size:
+            raise ValueError(
+                f"overencoding.pad_id={oe.pad_id} must be a raw token id in [0, {self.vocab_size})"
+            )
 
     def _check_engram(self, engram: EngramConfig) -> None:
         if not isinstance(engram, EngramConfig):
@@ -294,13 +353,20 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["engram"] = None if self.engram is None else self.engram.to_dict()
+        # Left out when unset, so configs (and run digests, resume checks) written before the
+        # field existed are unchanged.
+        oe = d.pop("overencoding")
+        if oe is not None:
+            d["overencoding"] = oe.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; the nested ``engram`` dict is validated as EngramConfig."""
+        """Inverse of :meth:`to_dict`; nested ``engram``/``overencoding`` dicts are validated as
+        EngramConfig."""
         check_fields(cls, d)
         d = dict(d)
-        if isinstance(d.get("engram"), dict):
-            d["engram"] = EngramConfig.from_dict(d["engram"])
+        for name in ("engram", "overencoding"):
+            if isinstance(d.get(name), dict):
+                d[name] = EngramConfig.from_dict(d[name])
         return cls(**d)

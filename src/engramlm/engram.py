@@ -13,6 +13,11 @@ Per position t of layer l (the paper's §2.3 and the demo):
     H^(m)   <- H^(m) + Y^(m)                               (before attention and FFN)
 
 ``ssqrt(s) = sign(s) sqrt(max(|s|, 1e-6))`` is the demo's; the paper omits it (``gate="plain"``).
+
+Ablations (paper §6.2, ``EngramConfig`` switches): ``gate="none"`` sets a = 1 and builds no key
+projections; ``short_conv=False`` gives Y = U; ``multi_branch=False`` makes M = 1 here: the block
+hands Engram the single stream an mHC pre-mapping fused (``model.Block``), and
+``compress_tokens=False`` only changes the ids the model hashes.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ class Engram(nn.Module):
             )
         self.config = config
         self.hidden_size = hidden_size
-        M, D, E = config.hc_mult, hidden_size, config.memory_dim
+        M, D, E = config.num_branches, hidden_size, config.memory_dim
         offsets = torch.tensor([0, *moduli[:-1]], dtype=torch.int64).cumsum(0)  # [H]
         self.register_buffer("offsets", offsets, persistent=False)
         num_rows = int(sum(moduli))
@@ -119,10 +124,15 @@ class Engram(nn.Module):
             )
         # Bias terms as in the demo's nn.Linear; the paper writes W_K e_t without one.
         self.value_proj = nn.Linear(E, D)  # W_V, shared by all branches
-        self.key_projs = nn.ModuleList(nn.Linear(E, D) for _ in range(M))  # W_K^(m)
-        self.key_norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(M))
-        self.query_norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(M))
-        self.short_conv = ShortConv(D, M, config.kernel_size, dilation=config.max_ngram)
+        gated = M if config.gate != "none" else 0  # "w/o gating": no keys, alpha = 1
+        self.key_projs = nn.ModuleList(nn.Linear(E, D) for _ in range(gated))  # W_K^(m)
+        self.key_norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(gated))
+        self.query_norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(gated))
+        self.short_conv = (
+            ShortConv(D, M, config.kernel_size, dilation=config.max_ngram)
+            if config.short_conv
+            else None
+        )
 
     def global_rows(self, hash_ids: Tensor) -> Tensor:
         """[B, T, H] head-local ids -> [B, T, H] rows of the physical table."""
@@ -140,23 +150,33 @@ class Engram(nn.Module):
     def forward(
         self, hidden: Tensor, hash_ids: Tensor, conv_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """([B, T, M, D], [B, T, H]) -> (Y [B, T, M, D], conv state for decoding)."""
+        """([B, T, M, D], [B, T, H]) -> (Y [B, T, M, D], conv state for decoding).
+
+        M is ``config.num_branches``: ``hc_mult``, or 1 without multi-branch. Without the short
+        conv the state is empty, [B, M*D, 0].
+        """
         B, T, M, D = hidden.shape
-        if M != self.config.hc_mult or D != self.hidden_size:
+        if M != self.config.num_branches or D != self.hidden_size:
             raise ValueError(
-                f"hidden must be [B, T, hc_mult={self.config.hc_mult}, D={self.hidden_size}], "
+                f"hidden must be [B, T, M={self.config.num_branches}, D={self.hidden_size}] "
+                f"(M = hc_mult={self.config.hc_mult}, or 1 with multi_branch=False), "
                 f"got {list(hidden.shape)}"
             )
         e = self.retrieve(hash_ids).to(hidden.dtype)  # [B, T, E]
         v = self.value_proj(e)  # [B, T, D]
-        gates = [
-            context_gate(
-                self.query_norms[m](hidden[:, :, m]),
-                self.key_norms[m](self.key_projs[m](e)),
-                signed_sqrt=self.config.gate == "signed_sqrt",
-            )
-            for m in range(M)
-        ]  # M x [B, T, 1]
-        u = torch.stack(gates, dim=2) * v.unsqueeze(2)  # [B, T, M, D]
+        if self.config.gate == "none":
+            u = v.unsqueeze(2).expand(B, T, M, D)  # alpha = 1 on every branch
+        else:
+            gates = [
+                context_gate(
+                    self.query_norms[m](hidden[:, :, m]),
+                    self.key_norms[m](self.key_projs[m](e)),
+                    signed_sqrt=self.config.gate == "signed_sqrt",
+                )
+                for m in range(M)
+            ]  # M x [B, T, 1]
+            u = torch.stack(gates, dim=2) * v.unsqueeze(2)  # [B, T, M, D]
+        if self.short_conv is None:
+            return u, u.new_zeros(B, M * D, 0)
         y, conv_state = self.short_conv(u, conv_state)
         return u + y, conv_state

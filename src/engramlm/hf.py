@@ -137,6 +137,7 @@ class EngramHFConfig(PreTrainedConfig):
     tie_embeddings: bool = _DEFAULTS.tie_embeddings
     engram: dict[str, Any] | None = None
     compressed_vocab_size: int | None = _DEFAULTS.compressed_vocab_size
+    overencoding: dict[str, Any] | None = None  # the OverEncoding baseline's n-gram embedding
     tokenizer_fingerprint: str = ""
     use_cache: bool = True
     bos_token_id: int | None = None

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from engramlm.config import EngramConfig, ModelConfig
 from engramlm.engram import Engram
 from engramlm.hashing import NgramHasher, check_ids, head_moduli
+from engramlm.overencoding import OverEncoding, overencoding_moduli
 from engramlm.tables import Table, TablePlan, build_table
 from engramlm.tokenization import CompressedVocab
 
@@ -63,6 +64,7 @@ class DecodeCache:
     ``hash_prefix``: the last N-1 *compressed* ids [B, N-1] (pad-filled), the hashing prefix of
     SPEC §2.2 (shared by all Engram layers: the ids do not depend on the layer).
     ``conv_states``: per Engram layer, the ShortConv state [B, M*D, (w-1)N] (SPEC §2.6).
+    ``overencoding_prefix``: Over-Encoding's hashing prefix, the last N-1 *raw* ids [B, N-1].
     ``offset``: tokens seen so far = the position of the next token. The model's ``forward``
     updates the cache in place; step outputs equal a full forward over the whole sequence.
     """
@@ -72,6 +74,7 @@ class DecodeCache:
     conv_states: dict[int, Tensor] = field(default_factory=dict)
     hash_prefix: Tensor | None = None
     offset: int = 0
+    overencoding_prefix: Tensor | None = None
 
     @classmethod
     def empty(cls, num_layers: int) -> DecodeCache:
@@ -331,6 +334,13 @@ class Block(nn.Module):
                 init=False,  # EngramLM.init_weights initialises it: rows written once
             )
             self.engram = Engram(config.engram, D, engram_moduli, table=table)
+        # "w/o multi-branch" (paper §6.2): Engram is one more sublayer under mHC, gating once
+        # the streams its pre-mapping fused; its post-mapping spreads Y back over the streams
+        # (and its residual mixing H_res acts, as around attention and FFN; our choice: the
+        # paper says only "one fusion after the mHC pre-mapping").
+        self.engram_residual: HyperConnections | None = None
+        if self.engram is not None and not self.engram.config.multi_branch:
+            self.engram_residual = HyperConnections(D, M, config.norm_eps)
         self.attn_norm = nn.RMSNorm(D, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ffn_norm = nn.RMSNorm(D, eps=config.norm_eps)
@@ -353,14 +363,32 @@ class Block(nn.Module):
             if hash_ids is None:
                 raise ValueError(f"layer {self.layer_id} has Engram but got no hash_ids")
             conv_state = None if cache is None else cache.conv_states.get(self.layer_id)
-            y, conv_state = self.engram(h, hash_ids, conv_state)
-            h = h + y  # [B, T, M, D]; before attention and FFN (SPEC §2.7)
+            if self.engram_residual is None:
+                y, conv_state = self.engram(h, hash_ids, conv_state)
+                h = h + y  # [B, T, M, D]; before attention and FFN (SPEC §2.7)
+            else:
+                h, conv_state = self._fused_engram(h, hash_ids, conv_state)
             if cache is not None:
                 cache.conv_states[self.layer_id] = conv_state
         h = self.attn_residual(
             h, lambda x: self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id)
         )
         return self.ffn_residual(h, lambda x: self.ffn(self.ffn_norm(x)))
+
+    def _fused_engram(
+        self, h: Tensor, hash_ids: Tensor, conv_state: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Engram without multi-branch: h [B, T, M, D] -> (h [B, T, M, D], conv state)."""
+        assert self.engram is not None and self.engram_residual is not None  # our invariant
+        engram, state = self.engram, [conv_state]
+
+        def sublayer(x: Tensor) -> Tensor:  # the fused stream [B, T, D] -> Y [B, T, D]
+            y, state[0] = engram(x.unsqueeze(2), hash_ids, state[0])
+            return y.squeeze(2)
+
+        h = self.engram_residual(h, sublayer)
+        assert state[0] is not None
+        return h, state[0]
 
 
 class ModelOutput(NamedTuple):
@@ -388,14 +416,23 @@ class EngramLM(nn.Module):
         super().__init__()
         self.config = config
         V, D = config.vocab_size, config.hidden_size
-        if compressed_vocab is None:
-            if config.compressed_vocab_size is not None:
+        raw_ids = config.engram is not None and not config.engram.compress_tokens
+        if compressed_vocab is None or raw_ids:
+            if compressed_vocab is None and config.compressed_vocab_size is not None:
                 raise ValueError(
                     f"config.compressed_vocab_size={config.compressed_vocab_size} needs the "
                     "CompressedVocab it was built from; pass compressed_vocab="
                 )
+            if compressed_vocab is not None and compressed_vocab.vocab_size != V:
+                raise ValueError(
+                    f"compressed_vocab maps {compressed_vocab.vocab_size} raw ids but "
+                    f"vocab_size={V}"
+                )
+            # No compression (none given, or engram.compress_tokens=False): the hash reads raw
+            # ids; a given vocabulary only names the tokenizer (its fingerprint).
             lookup = torch.arange(V, dtype=torch.int64, device="cpu")
-            self.vocab_fingerprint = ""
+            given = compressed_vocab is not None
+            self.vocab_fingerprint = compressed_vocab.fingerprint if given else ""
         else:
             if compressed_vocab.vocab_size != V:
                 raise ValueError(
@@ -418,6 +455,15 @@ class EngramLM(nn.Module):
         moduli = {} if self.hasher is None else self.hasher.moduli
 
         self.embed = nn.Embedding(V, D)
+        self.overencoding: OverEncoding | None = None  # the §3.2 baseline, at the input
+        if config.overencoding is not None:
+            oe = config.overencoding
+            rows = sum(overencoding_moduli(oe))
+            # Rows written once, by init_weights, as for Engram's tables.
+            table = build_table(
+                tables or TablePlan(), rows, oe.head_dim, name="overencoding", init=False
+            )
+            self.overencoding = OverEncoding(oe, D, V, table=table)
         self.layers = nn.ModuleList(
             Block(config, i, moduli.get(i), tables) for i in range(config.num_layers)
         )
@@ -452,12 +498,19 @@ class EngramLM(nn.Module):
         projections are initialised like the backbone's - keys N(0, 0.02), the value
         projection, which writes into the residual stream, as an output projection, biases
         zero - instead of the demo's ``nn.Linear`` default (docs/design.md has the
-        measurements). Everything is reapplied here, so a model built on the meta device and
-        materialised with ``to_empty`` is initialised with one call.
+        measurements). Over-Encoding initialises itself (``OverEncoding.reset_parameters``).
+        Everything is reapplied here, so a model built on the meta device and materialised
+        with ``to_empty`` is initialised with one call.
         """
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.num_layers)
         engram_modules = {id(m) for b in self.layers if b.engram for m in b.engram.modules()}
+        oe = self.overencoding
+        oe_modules = set() if oe is None else {id(m) for m in oe.modules()}
+        if oe is not None:
+            oe.reset_parameters()
         for module in self.modules():
+            if id(module) in oe_modules:
+                continue
             if id(module) in engram_modules:
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
@@ -483,7 +536,8 @@ class EngramLM(nn.Module):
                     nn.init.normal_(proj.weight, std=std)
                     nn.init.zeros_(proj.bias)
                 nn.init.normal_(engram.value_proj.weight, std=out_std)
-                nn.init.zeros_(engram.short_conv.weight)  # "Engram Conv Zero Init"
+                if engram.short_conv is not None:
+                    nn.init.zeros_(engram.short_conv.weight)  # "Engram Conv Zero Init"
         cos, sin = rope_tables(
             self.config.head_dim, self.config.max_seq_len, self.config.rope_theta
         )
@@ -499,8 +553,12 @@ class EngramLM(nn.Module):
                     block.engram.offsets.copy_(moduli.cumsum(0))
 
     def engram_tables(self) -> list[Table]:
-        """Every Engram layer's table, in layer order."""
-        return [b.engram.table for b in self.layers if b.engram is not None]
+        """Every Engram layer's table, in layer order, then Over-Encoding's (if any), which
+        trains like them (Adam, LR x5, no weight decay)."""
+        tables = [b.engram.table for b in self.layers if b.engram is not None]
+        if self.overencoding is not None:
+            tables.append(self.overencoding.table)
+        return tables
 
     def close_tables(self) -> None:
         """Flush and release tables that hold files (disk tier), so they record their checksum
@@ -600,6 +658,11 @@ class EngramLM(nn.Module):
         cos = self.rope_cos[offset : offset + T]  # [T, hd/2]
         sin = self.rope_sin[offset : offset + T]
         h = self.embed(input_ids)  # [B, T, D]
+        if self.overencoding is not None:
+            oe_prefix = None if cache is None else cache.overencoding_prefix
+            h, oe_prefix = self.overencoding(h, input_ids, oe_prefix)  # [B, T, D], n-grams in
+            if cache is not None:
+                cache.overencoding_prefix = oe_prefix
         h = h.unsqueeze(2).expand(B, T, cfg.hc_mult, cfg.hidden_size).contiguous()  # [B,T,M,D]
         for block in self.layers:
             h = block(h, cos, sin, hash_ids.get(block.layer_id), cache)
@@ -645,7 +708,8 @@ class ModelStats:
     parts (projections, norms, conv). Engram table rows count as sparse (a token reads H rows).
     ``flops_per_token`` is the forward pass: 2 x (active matmul weights + LM head) plus the
     attention scores and weighted sum at context ``seq_len``, 4 * num_layers * seq_len * D
-    (the PaLM convention: no causal halving).
+    (the PaLM convention: no causal halving). Over-Encoding counts like Engram: its table rows
+    sparse, its projection active (both in P_tot).
     """
 
     total_params: int
@@ -656,6 +720,8 @@ class ModelStats:
     engram_dense_params: int
     flops_per_token: int
     seq_len: int
+    overencoding_table_params: int = 0
+    overencoding_dense_params: int = 0  # the projection W [D, E]
 
     @property
     def sparse_params(self) -> int:
@@ -679,6 +745,11 @@ class ModelStats:
             ("Engram dense params", n(self.engram_dense_params)),
             (f"forward FLOPs/token @ {self.seq_len}", n(self.flops_per_token)),
         ]
+        if self.overencoding_table_params:
+            rows[-1:-1] = [
+                ("Over-Encoding table params", n(self.overencoding_table_params)),
+                ("Over-Encoding dense params", n(self.overencoding_dense_params)),
+            ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -688,7 +759,7 @@ def _engram_counts(config: ModelConfig) -> tuple[int, int, int]:
     e: EngramConfig | None = config.engram
     if e is None:
         return 0, 0, 0
-    D, M, E = config.hidden_size, config.hc_mult, e.memory_dim
+    D, M, E = config.hidden_size, e.num_branches, e.memory_dim
     moduli = head_moduli(
         layer_ids=e.layer_ids,
         table_sizes=e.table_sizes,
@@ -696,12 +767,18 @@ def _engram_counts(config: ModelConfig) -> tuple[int, int, int]:
         max_ngram=e.max_ngram,
     )
     table = sum(sum(p) for p in moduli.values()) * e.head_dim
-    proj = (1 + M) * (E * D + D)  # W_V and M keys, with biases
-    norms = 3 * M * D  # key, query and conv norms per branch
-    conv = M * D * e.kernel_size
-    matmul = (1 + M) * E * D + conv
+    keys = 0 if e.gate == "none" else M  # W_K^(m), one per gated branch
+    proj = (1 + keys) * (E * D + D)  # W_V and the keys, with biases
+    norms = 2 * keys * D + (M * D if e.short_conv else 0)  # key, query norms; conv norms
+    conv = M * D * e.kernel_size if e.short_conv else 0
+    matmul = (1 + keys) * E * D + conv
+    fusion = 0  # without multi-branch: the mHC that fuses the hc_mult streams for Engram
+    if not e.multi_branch:
+        S = config.hc_mult
+        fusion = (S * S + 2 * S) * (S * D + 1) + 3
+        matmul += (S * S + 2 * S) * S * D
     L = len(e.layer_ids)
-    return table, L * (proj + norms + conv), L * matmul
+    return table, L * (proj + norms + conv + fusion), L * matmul
 
 
 def model_stats(config: ModelConfig, seq_len: int | None = None) -> ModelStats:
@@ -729,10 +806,14 @@ def model_stats(config: ModelConfig, seq_len: int | None = None) -> ModelStats:
     matmul_layers += n_moe * (router + shared + c.experts_per_token * expert)
 
     table, engram_dense, engram_matmul = _engram_counts(c)
+    oe_table = oe_dense = 0
+    if c.overencoding is not None:
+        oe_table = sum(overencoding_moduli(c.overencoding)) * c.overencoding.head_dim
+        oe_dense = c.overencoding.memory_dim * D  # W [D, E], no bias
     embedding = V * D * (1 if c.tie_embeddings else 2)
-    non_embedding = total_layers + D + table + engram_dense  # + final norm
-    active = active_layers + D + engram_dense
-    flops = 2 * (matmul_layers + engram_matmul + V * D) + 4 * L * seq_len * D
+    non_embedding = total_layers + D + table + engram_dense + oe_table + oe_dense  # + final norm
+    active = active_layers + D + engram_dense + oe_dense
+    flops = 2 * (matmul_layers + engram_matmul + oe_dense + V * D) + 4 * L * seq_len * D
     return ModelStats(
         total_params=non_embedding + embedding,
         embedding_params=embedding,
@@ -742,6 +823,8 @@ def model_stats(config: ModelConfig, seq_len: int | None = None) -> ModelStats:
         engram_dense_params=engram_dense,
         flops_per_token=flops,
         seq_len=seq_len,
+        overencoding_table_params=oe_table,
+        overencoding_dense_params=oe_dense,
     )
 
 
