@@ -147,6 +147,29 @@ class Engram(nn.Module):
         vectors = self.table.lookup(self.global_rows(hash_ids))  # [B, T, H, E/H]
         return vectors.flatten(-2)  # [B, T, E]
 
+    def gates(self, hidden: Tensor, hash_ids: Tensor) -> Tensor:
+        """alpha_t^(m), the gate of every branch: ([B, T, M, D], [B, T, H]) -> [B, T, M].
+
+        Exactly the values :meth:`forward` multiplies with (ones for ``gate="none"``); for
+        analyses such as ``engramlm experiment gates``.
+        """
+        if self.config.gate == "none":
+            return hidden.new_ones(hidden.shape[:3])
+        e = self.retrieve(hash_ids).to(hidden.dtype)
+        return self._gates(hidden, e).squeeze(-1)
+
+    def _gates(self, hidden: Tensor, e: Tensor) -> Tensor:
+        """([B, T, M, D], e [B, T, E]) -> [B, T, M, 1], per-branch keys and norms (SPEC §2.4)."""
+        gates = [
+            context_gate(
+                self.query_norms[m](hidden[:, :, m]),
+                self.key_norms[m](self.key_projs[m](e)),
+                signed_sqrt=self.config.gate == "signed_sqrt",
+            )
+            for m in range(hidden.shape[2])
+        ]  # M x [B, T, 1]
+        return torch.stack(gates, dim=2)
+
     def forward(
         self, hidden: Tensor, hash_ids: Tensor, conv_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -167,15 +190,7 @@ class Engram(nn.Module):
         if self.config.gate == "none":
             u = v.unsqueeze(2).expand(B, T, M, D)  # alpha = 1 on every branch
         else:
-            gates = [
-                context_gate(
-                    self.query_norms[m](hidden[:, :, m]),
-                    self.key_norms[m](self.key_projs[m](e)),
-                    signed_sqrt=self.config.gate == "signed_sqrt",
-                )
-                for m in range(M)
-            ]  # M x [B, T, 1]
-            u = torch.stack(gates, dim=2) * v.unsqueeze(2)  # [B, T, M, D]
+            u = self._gates(hidden, e) * v.unsqueeze(2)  # [B, T, M, D]
         if self.short_conv is None:
             return u, u.new_zeros(B, M * D, 0)
         y, conv_state = self.short_conv(u, conv_state)

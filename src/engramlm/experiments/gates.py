@@ -16,8 +16,8 @@ Engram model of the shared pair (:mod:`engramlm.experiments.pair`):
   (punctuation, whitespace); see :func:`~engramlm.experiments.pair.continuation_mask`.
 
 The gate is recomputed inside a forward hook on each ``Engram`` module from the inputs the
-module received (``context_gate`` on its own key/query projections and norms), so it is the gate
-the forward used; ``test_recorded_gates_reproduce_engram_output`` checks that alpha * W_V e_t
+module received (``Engram.gates``, the code its forward uses), so it is the gate the forward
+used; ``test_recorded_gates_reproduce_engram_output`` checks that alpha * W_V e_t
 plus the short conv of it equals the module's output.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engramlm.engram import Engram, context_gate
+from engramlm.engram import Engram
 from engramlm.experiments.common import Context
 from engramlm.experiments.pair import (
     ENGRAM,
@@ -63,27 +63,6 @@ SENTENCES = (
 CLASSES = ("continuation", "word_initial", "other")
 
 
-def engram_gates(engram: Engram, hidden: Tensor, hash_ids: Tensor) -> Tensor:
-    """alpha_t^(m) of one Engram layer: ([B, T, M, D], [B, T, H]) -> [B, T, M] in (0, 1).
-
-    Recomputes what ``Engram.forward`` does with its own modules; 1 for the "w/o gating"
-    ablation (``gate="none"``), which has no gate.
-    """
-    if engram.config.gate == "none":
-        return hidden.new_ones(hidden.shape[:3])
-    e = engram.retrieve(hash_ids).to(hidden.dtype)  # [B, T, E]
-    signed = engram.config.gate == "signed_sqrt"
-    gates = [
-        context_gate(
-            engram.query_norms[m](hidden[:, :, m]),
-            engram.key_norms[m](engram.key_projs[m](e)),
-            signed_sqrt=signed,
-        )
-        for m in range(hidden.shape[2])
-    ]  # M x [B, T, 1]
-    return torch.cat(gates, dim=-1)  # [B, T, M]
-
-
 @contextlib.contextmanager
 def record_gates(model: EngramLM) -> Iterator[dict[int, Tensor]]:
     """{1-based block: gates [B, T, M]} of the latest forward, read by hooks on each Engram."""
@@ -95,7 +74,7 @@ def record_gates(model: EngramLM) -> Iterator[dict[int, Tensor]]:
 
         def hook(module: Engram, args: tuple, output: Any, layer: int = block.layer_id + 1) -> None:
             hidden, hash_ids = args[0], args[1]
-            gates[layer] = engram_gates(module, hidden, hash_ids).detach()
+            gates[layer] = module.gates(hidden, hash_ids).detach()
 
         handles.append(block.engram.register_forward_hook(hook))
     try:
