@@ -6,6 +6,7 @@ Python documentation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -211,6 +212,17 @@ def test_padded_embedding_rows_get_their_own_compressed_ids(tokenizer) -> None:
     model = retrofit(build("llama", vocab_size=VOCAB + 8), tokenizer, ENGRAM)
     lookup = model.engram_retrofit.compress_lookup
     assert lookup[VOCAB:].tolist() == list(range(int(lookup[:VOCAB].max()) + 1, lookup.max() + 1))
+
+
+def test_compression_switched_off_hashes_raw_ids(tokenizer, tmp_path: Path) -> None:
+    config = dataclasses.replace(ENGRAM, compress_tokens=False)
+    model = retrofit(build("llama"), tokenizer, config)
+    assert model.engram_retrofit.compress_lookup.tolist() == list(range(VOCAB))
+    _activate(model)
+    save_retrofit(model, tmp_path / "rf")
+    loaded = load_retrofit(build("llama"), tokenizer, tmp_path / "rf")
+    ids = _ids()
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_layer_id_out_of_range_is_refused(tokenizer) -> None:

@@ -234,6 +234,8 @@ def retrofit(
         extra = vocab.num_compressed + np.arange(model_vocab - vocab.vocab_size)
         lookup = np.concatenate([vocab.lookup, extra])
         vocab = CompressedVocab(lookup, int(extra[-1]) + 1, vocab.fingerprint)
+    if not engram_config.compress_tokens:  # the ablation: hash raw ids (SPEC §2.1 skipped)
+        vocab = CompressedVocab.identity(model_vocab, vocab.fingerprint)
     if engram_config.pad_id >= model_vocab:
         raise ValueError(
             f"engram pad_id={engram_config.pad_id} must be a raw token id in [0, {model_vocab})"
