@@ -88,6 +88,25 @@ def context_gate(query: Tensor, key: Tensor, signed_sqrt: bool = True) -> Tensor
     return torch.sigmoid(s)
 
 
+def head_offsets(moduli: Sequence[int]) -> Tensor:
+    """[H] int64: the first row of each head in one physical table, heads stacked in order
+    (head h holds ``moduli[h]`` rows; SPEC §2.4)."""
+    return torch.tensor([0, *moduli[:-1]], dtype=torch.int64).cumsum(0)
+
+
+def head_table(moduli: Sequence[int], head_dim: int, table: Table | None, owner: str) -> Table:
+    """The physical table of heads with ``moduli`` rows each: ``table`` checked, or a new
+    in-memory :class:`DeviceTable` of [sum(moduli), head_dim]."""
+    num_rows = int(sum(moduli))
+    table = table if table is not None else DeviceTable(num_rows, head_dim)
+    if (table.num_rows, table.dim) != (num_rows, head_dim):
+        raise ValueError(
+            f"table is [{table.num_rows}, {table.dim}] but {owner} need [{num_rows}, {head_dim}] "
+            "(sum of head primes, embed_dim_per_ngram/K)"
+        )
+    return table
+
+
 class Engram(nn.Module):
     """One Engram layer: multi-head table lookup, per-branch gates, shared value, short conv.
 
@@ -113,15 +132,8 @@ class Engram(nn.Module):
         self.config = config
         self.hidden_size = hidden_size
         M, D, E = config.num_branches, hidden_size, config.memory_dim
-        offsets = torch.tensor([0, *moduli[:-1]], dtype=torch.int64).cumsum(0)  # [H]
-        self.register_buffer("offsets", offsets, persistent=False)
-        num_rows = int(sum(moduli))
-        self.table = table if table is not None else DeviceTable(num_rows, config.head_dim)
-        if (self.table.num_rows, self.table.dim) != (num_rows, config.head_dim):
-            raise ValueError(
-                f"table is [{self.table.num_rows}, {self.table.dim}] but this layer's heads need "
-                f"[{num_rows}, {config.head_dim}] (sum of head primes, embed_dim_per_ngram/K)"
-            )
+        self.table = head_table(moduli, config.head_dim, table, "this layer's heads")
+        self.register_buffer("offsets", head_offsets(moduli), persistent=False)
         # Bias terms as in the demo's nn.Linear; the paper writes W_K e_t without one.
         self.value_proj = nn.Linear(E, D)  # W_V, shared by all branches
         gated = M if config.gate != "none" else 0  # "w/o gating": no keys, alpha = 1

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engramlm.config import EngramConfig, ModelConfig
-from engramlm.engram import Engram
+from engramlm.engram import Engram, head_offsets
 from engramlm.hashing import NgramHasher, check_ids, head_moduli
 from engramlm.overencoding import OverEncoding, overencoding_moduli
 from engramlm.tables import Table, TablePlan, build_table
@@ -548,9 +548,8 @@ class EngramLM(nn.Module):
         if hasher is not None:
             self.hasher = hasher.to(self.compress_lookup.device)
             for block in self.layers:
-                if block.engram is not None:  # Engram's row offsets: cumsum of head primes
-                    moduli = torch.tensor([0, *hasher.moduli[block.layer_id][:-1]])
-                    block.engram.offsets.copy_(moduli.cumsum(0))
+                if block.engram is not None:
+                    block.engram.offsets.copy_(head_offsets(hasher.moduli[block.layer_id]))
 
     def engram_tables(self) -> list[Table]:
         """Every Engram layer's table, in layer order, then Over-Encoding's (if any), which

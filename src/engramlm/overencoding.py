@@ -34,8 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from engramlm.config import EngramConfig
+from engramlm.engram import head_offsets, head_table
 from engramlm.hashing import NgramHasher, head_moduli
-from engramlm.tables import DeviceTable, Table
+from engramlm.tables import Table
 
 INIT_STD = 0.02  # the projection starts like the backbone's linear maps
 
@@ -71,15 +72,8 @@ class OverEncoding(nn.Module):
         self.config, self.hidden_size, self.vocab_size = config, hidden_size, vocab_size
         moduli = overencoding_moduli(config)
         self.hasher = self._make_hasher()
-        offsets = torch.tensor([0, *moduli[:-1]], dtype=torch.int64).cumsum(0)  # [H]
-        self.register_buffer("offsets", offsets, persistent=False)
-        num_rows = int(sum(moduli))
-        self.table = table if table is not None else DeviceTable(num_rows, config.head_dim)
-        if (self.table.num_rows, self.table.dim) != (num_rows, config.head_dim):
-            raise ValueError(
-                f"table is [{self.table.num_rows}, {self.table.dim}] but Over-Encoding's heads "
-                f"need [{num_rows}, {config.head_dim}] (sum of head primes, embed_dim_per_ngram/K)"
-            )
+        self.register_buffer("offsets", head_offsets(moduli), persistent=False)
+        self.table = head_table(moduli, config.head_dim, table, "Over-Encoding's heads")
         self.proj = nn.Linear(config.memory_dim, hidden_size, bias=False)  # [P_1 ... P_H]
 
     def _make_hasher(self) -> NgramHasher:
@@ -98,8 +92,7 @@ class OverEncoding(nn.Module):
         nn.init.normal_(self.proj.weight, std=INIT_STD)
         device = self.offsets.device
         self.hasher = self._make_hasher().to(device)
-        moduli = torch.tensor([0, *self.hasher.moduli[0][:-1]], dtype=torch.int64)
-        self.offsets.copy_(moduli.cumsum(0))
+        self.offsets.copy_(head_offsets(self.hasher.moduli[0]))
 
     def hash_ids(self, input_ids: Tensor, prefix: Tensor | None = None) -> Tensor:
         """[B, T] raw ids (+ the [B, N-1] raw ids before them) -> [B, T, H] head-local rows."""
