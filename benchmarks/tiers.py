@@ -4,7 +4,10 @@ One script, one subcommand per question; each prints the machine line and ratios
 by side in one run (calls interleaved, so machine noise hits every side alike):
 
 - ``steps``: training step time against table size - device tables of 1e5, 1e6, 1e7 rows, the
-  host tier at 1e7 and the disk tier at 1e8 - on one small model and the same real batches.
+  host tier at 1e7 and the disk tier at 1e8 - on one small model and the same real batches. The
+  disk model gets what ``train``'s data loader gives it: the rows of batch i+1 warmed
+  (``EngramLM.warm_tables``) on a background thread while step i runs (``--no-warm``: without;
+  ``--compare-warm``: both, as two disk models with their own files, interleaved).
 - ``cache``: the hash ids of the pydocs validation text replayed through in-memory tables and
   through disk tables with hot-row caches of several budgets: lookup throughput, hit rates,
   TinyLFU against an LRU simulation on the same stream, and a plot (docs/img).
@@ -39,6 +42,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -205,17 +209,32 @@ def check_disk(path: Path, need_gb: float, keep_gb: float = 10.0) -> None:
 
 # --- steps: training step time vs table size ----------------------------------------------------
 class Trainee:
-    """A model, its optimisers and one timed training step (the loop body of ``train``)."""
+    """A model, its optimisers and one timed training step (the loop body of ``train``).
 
-    def __init__(self, model: EngramLM, cfg: TrainConfig) -> None:
+    With a ``warmer`` (one background thread), each step first hands it the next batch's ids to
+    hash and warm the tables with, as ``train``'s data loader thread does, and the step counts
+    until that is done too (the loader's next batch would not be ready before).
+    """
+
+    def __init__(
+        self, model: EngramLM, cfg: TrainConfig, warmer: ThreadPoolExecutor | None = None
+    ) -> None:
         self.model = model
         self.model.train()
         self.optimizers = build_optimizers(model, cfg)
         self.dense = [p for p in model.dense_parameters() if p.requires_grad]
         self.cfg = cfg
+        self.warmer = warmer
+        self.losses: list[float] = []
 
-    def step(self, input_ids: torch.Tensor, targets: torch.Tensor) -> float:
+    def _warm(self, input_ids: torch.Tensor) -> None:
+        self.model.warm_tables(self.model.compute_hash_ids(input_ids))
+
+    def step(self, input_ids: torch.Tensor, targets: torch.Tensor, next_ids: torch.Tensor) -> float:
         t0 = time.perf_counter()
+        warming: Future[None] | None = None
+        if self.warmer is not None:
+            warming = self.warmer.submit(self._warm, next_ids)
         loss = self.model(input_ids, targets=targets).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.dense, self.cfg.grad_clip, foreach=False)
@@ -223,7 +242,35 @@ class Trainee:
             opt.step()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        if warming is not None:
+            warming.result()
+        seconds = time.perf_counter() - t0
+        self.losses.append(float(loss.detach()))
+        return seconds
+
+
+def disk_model(
+    config: ModelConfig, corpus: PreparedCorpus, folder: Path, args: argparse.Namespace
+) -> tuple[EngramLM, dict[int, OffloadedTable]]:
+    """The model with its Engram tables in files under ``folder`` (weights filled, page cache
+    dropped; moments holes), built the same way every time: same seed, same rows."""
+    torch.manual_seed(0)
+    model = meta_model(config, corpus)
+    tables = {}
+    for layer, (num_rows, d) in table_shapes(model).items():
+        directory = folder / f"layer{layer}"
+        directory.mkdir(parents=True)
+        for name in ("weight", "exp_avg", "exp_avg_sq"):
+            DiskStore.create(directory / f"{name}.engt", num_rows, d, cache_bytes=0).close()
+        fill_rows(directory / "weight.engt", num_rows, d, torch.float32)
+        tables[layer] = disk_table(
+            directory, num_rows, d, cache_bytes=args.cache_mb << 20, create=False
+        )
+        if args.madvise == "random":
+            for store in tables[layer].stores:
+                store._mm._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
+    set_tables(model, tables)  # type: ignore[arg-type]
+    return model, tables
 
 
 def cmd_steps(args: argparse.Namespace) -> None:
@@ -234,7 +281,12 @@ def cmd_steps(args: argparse.Namespace) -> None:
     root.mkdir(parents=True, exist_ok=True)
     disk_rows = int(args.disk_rows)
     dim = args.hidden // 8
-    check_disk(root, 3 * disk_rows * dim * 4 / GB)
+    disk_kinds = ["no-warm" if args.no_warm else "warm"]  # one disk model per kind, own files
+    if args.compare_warm:
+        disk_kinds = ["warm", "no-warm"]
+    # Allocated per disk model: the filled weight file, plus a 4 KB block per moment row written.
+    moment_gb = 2 * (args.steps + 1) * args.batch * args.seq * 16 * 4096 / GB
+    check_disk(root, len(disk_kinds) * (disk_rows * dim * 4 / GB + moment_gb))
 
     # What the library path costs: disk_table(create=True) on a small table, rows/s.
     probe_rows = 1 << 20
@@ -261,69 +313,72 @@ def cmd_steps(args: argparse.Namespace) -> None:
     build_s["host 1e+07"] = time.perf_counter() - t0
 
     config = with_engram(backbone, corpus, engram_for_rows(disk_rows, args.hidden))
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    model = meta_model(config, corpus)
-    tables = {}
-    for layer, (num_rows, d) in table_shapes(model).items():
-        directory = root / f"steps_layer{layer}"
-        directory.mkdir()
-        for name in ("weight", "exp_avg", "exp_avg_sq"):
-            DiskStore.create(directory / f"{name}.engt", num_rows, d, cache_bytes=0).close()
-        fill_rows(directory / "weight.engt", num_rows, d, torch.float32)
-        tables[layer] = disk_table(
-            directory, num_rows, d, cache_bytes=args.cache_mb << 20, create=False
-        )
-        if args.madvise == "random":
-            for store in tables[layer].stores:
-                store._mm._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
-    set_tables(model, tables)
-    disk_name = f"disk {disk_rows:.0e}"
-    trainees[disk_name] = Trainee(model, cfg)
-    build_s[disk_name] = time.perf_counter() - t0
-    disk_files = {f.name: f.stat().st_size / GB for f in (root / "steps_layer1").glob("*.engt")}
+    warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm")
+    disk_tables: dict[str, dict[int, OffloadedTable]] = {}
+    for kind in disk_kinds:
+        t0 = time.perf_counter()
+        model, disk_tables[kind] = disk_model(config, corpus, root / f"steps_{kind}", args)
+        disk_name = f"disk {disk_rows:.0e}" + (" no-warm" if kind == "no-warm" else "")
+        trainees[disk_name] = Trainee(model, cfg, warmer if kind == "warm" else None)
+        build_s[disk_name] = time.perf_counter() - t0
+    first_disk = root / f"steps_{disk_kinds[0]}" / "layer1"
+    disk_files = {f.name: f.stat().st_size / GB for f in first_disk.glob("*.engt")}
 
     batches = TrainBatches(corpus.train, args.batch, args.seq, seed=0)
     read0 = block_reads()
     times: dict[str, list[float]] = {name: [] for name in trainees}
+    batch = next(batches)
     for i in range(args.steps + 1):  # step 0 of each: warm-up
-        batch = next(batches)
+        following = next(batches)
         for name, trainee in trainees.items():
-            seconds = trainee.step(batch.input_ids, batch.targets)
+            seconds = trainee.step(batch.input_ids, batch.targets, following.input_ids)
             if i:
                 times[name].append(seconds)
+        batch = following
+    warmer.shutdown()
     median = {name: statistics.median(t) for name, t in times.items()}
     read_gb = (block_reads() - read0) / GB
-    disk_stats = [s.stats() for s in tables[1].stores]  # type: ignore[attr-defined]
 
+    warm_note = ""
+    if "warm" in disk_kinds:
+        warm_note = "; disk warm: batch i+1's rows warmed on a thread during step i, as in train"
     print(f"machine: {machine()}")
     print(
         f"train step B={args.batch} T={args.seq} D={args.hidden} layers={args.layers}, Engram at "
         f"layer 1 (H=16, dim {dim}); median of {args.steps} interleaved steps; disk cache "
         f"{args.cache_mb} MB per table, madvise {args.madvise}; disk files {disk_files} GB; "
-        f"{read_gb:.1f} GB read from the block device during the timed steps"
+        f"{read_gb:.1f} GB read from the block device during the timed steps{warm_note}"
     )
     base = median["device 1e+05"]
+    width = max(12, *map(len, trainees))
     for name, trainee in trainees.items():
         rows = sum(t.num_rows for t in trainee.model.engram_tables())
         print(
-            f"  {name:12s} {rows:>12,} rows {rows * dim * 4 / GB:7.2f} GB  built in "
+            f"  {name:{width}s} {rows:>12,} rows {rows * dim * 4 / GB:7.2f} GB  built in "
             f"{build_s[name]:6.1f} s  {median[name] * 1e3:8.1f} ms/step  "
             f"{median[name] / base:5.2f}x of the 1e5 step"
         )
-    hit = [f"{s['hit_rate']:.1%}" for s in disk_stats]
-    print(f"  disk cache hit rates (weight, exp_avg, exp_avg_sq): {hit}")
+    for kind, tables in disk_tables.items():
+        stats = [s.stats() for s in tables[1].stores]  # type: ignore[attr-defined]
+        hit = [f"{s['hit_rate']:.1%}" for s in stats]
+        warmed = sum(int(s["pages_warmed"]) for s in stats)
+        print(
+            f"  disk {kind}: cache hit rates (weight, exp_avg, exp_avg_sq): {hit}; "
+            f"{warmed:,} pages warmed"
+        )
+    if len(disk_kinds) == 2:
+        warm, cold = (trainees[n].losses for n in trainees if n.startswith("disk"))
+        print(f"  disk warm and no-warm losses bitwise equal: {warm == cold}")
     print(
         f"  library disk_table(create=True): {probe_rows:,} x {dim} rows in {create_s:.1f} s "
         f"= {probe_rows / create_s / 1e6:.2f} M rows/s "
         f"({probe_rows * dim * 4 * 3 / create_s / GB:.2f} GB/s of the three stores); "
         f"a {disk_rows:.0e}-row table would take ~{disk_rows * create_s / probe_rows / 60:.0f} min"
     )
-    for table in tables.values():
-        for store in table.stores:  # type: ignore[attr-defined]
-            store.close()
-    for layer in tables:
-        shutil.rmtree(root / f"steps_layer{layer}")
+    for kind, tables in disk_tables.items():
+        for table in tables.values():
+            table.close()
+        shutil.rmtree(root / f"steps_{kind}")
 
 
 # --- cache: disk + hot-row cache vs in-memory on real id streams --------------------------------
@@ -618,6 +673,16 @@ def main() -> None:
         default="random",
         help="access hint on the disk tables' memory maps; DiskStore itself leaves it normal, "
         "which reads ahead read_ahead_kb around every faulted row",
+    )
+    s.add_argument(
+        "--no-warm",
+        action="store_true",
+        help="the disk model without warm_tables on the next batch (train's loader warms)",
+    )
+    s.add_argument(
+        "--compare-warm",
+        action="store_true",
+        help="two disk models, one warmed and one not, each with its own files, interleaved",
     )
     s.set_defaults(fn=cmd_steps)
 

@@ -1,4 +1,5 @@
-"""DiskStore: exact for any cache size, durable, crash-consistent; trains like SparseAdam."""
+"""DiskStore: exact for any cache size, durable, crash-consistent; trains like SparseAdam;
+warming is only a hint."""
 
 from __future__ import annotations
 
@@ -122,6 +123,7 @@ def test_stats_count_hits_misses_evictions_writebacks(tmp_path: Path) -> None:
         "misses": 10,
         "evictions": 0,
         "writebacks": 5,
+        "pages_warmed": 0,
         "hit_rate": 0.5,
         "bytes_cached": 10 * DIM * 4,
     }
@@ -353,3 +355,78 @@ def test_zero_leaves_zeros_and_a_sparse_file(tmp_path: Path) -> None:
     assert path.stat().st_blocks * 512 < rows * 16 * 4 // 8  # the 4 MB of rows are holes again
     with DiskStore.open(path, verify=True) as store:
         assert not store.read(torch.arange(rows)).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# warm: a read-ahead hint for rows a later batch will read
+
+needs_fadvise = pytest.mark.skipif(
+    not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform: warm is a no-op"
+)
+
+
+@needs_fadvise
+def test_warm_changes_no_value_cache_entry_or_count(tmp_path: Path) -> None:
+    """Rows held dirty in the cache stay dirty and correct; only uncached rows' pages are hinted."""
+    with DiskStore.create(tmp_path / "t", 1000, DIM, cache_bytes=20 * _row_cost()) as store:
+        store.write_range(0, torch.ones(1000, DIM))
+        store.write(torch.arange(10), torch.full((10, DIM), 5.0))  # cached, dirty
+        before = store.stats()
+        store.warm(np.array([9, 3, 3, 500, 999, 0, 500]))  # any order, repeats, cached or not
+        after = store.stats()
+        assert after == {**before, "pages_warmed": 2}  # the pages of rows 500 and 999
+        assert torch.equal(store.read(torch.arange(10)), torch.full((10, DIM), 5.0))
+        store.flush()
+        assert store.stats()["writebacks"] == before["writebacks"] + 10  # still dirty
+    with DiskStore.open(tmp_path / "t") as store:
+        want = torch.cat([torch.full((10, DIM), 5.0), torch.ones(990, DIM)])
+        assert torch.equal(store.read(torch.arange(1000)), want)
+
+
+@needs_fadvise
+def test_warm_hints_each_run_of_adjacent_pages_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice))
+    )
+    page, willneed = disk._PAGE, os.POSIX_FADV_WILLNEED
+    if page != disk.DATA_OFFSET:
+        pytest.skip(f"expected offsets assume 4 KB pages, this machine's are {page} B")
+    with DiskStore.create(tmp_path / "t", 1000, 8, cache_bytes=0) as store:  # 32 B rows
+        rows_per_page = page // 32
+        store.warm(torch.tensor([0, rows_per_page - 1, rows_per_page, 5 * rows_per_page]))
+    with DiskStore.create(tmp_path / "u", 1000, 24, cache_bytes=0) as store:  # 96 B rows
+        store.warm(torch.tensor([page // 96]))  # straddles the first two data pages
+    data = disk.DATA_OFFSET
+    assert calls == [
+        (data, 2 * page, willneed),  # rows of the first two data pages: one hint
+        (data + 5 * page, page, willneed),
+        (data, 2 * page, willneed),
+    ]
+
+
+def test_warm_refuses_rows_out_of_range_naming_the_range(tmp_path: Path) -> None:
+    with DiskStore.create(tmp_path / "t", 100, DIM) as store:
+        with pytest.raises(IndexError, match=r"out of range \[0, 100\): got \[-1, 100\]"):
+            store.warm(torch.tensor([5, 100, -1]))
+
+
+def test_warm_after_close_is_a_value_error(tmp_path: Path) -> None:
+    store = DiskStore.create(tmp_path / "t", 100, DIM)
+    store.close()
+    with pytest.raises(ValueError, match="t: store is closed"):
+        store.warm(torch.tensor([5]))
+
+
+@needs_fadvise
+def test_offloaded_table_warms_the_moments_only_when_training(tmp_path: Path) -> None:
+    table = disk_table(tmp_path / "table", 1000, DIM, cache_bytes=0)
+    table.train()
+    table.warm(torch.tensor([[1, 500], [999, 1]]))  # three pages
+    assert [s.stats()["pages_warmed"] for s in table.stores] == [3, 3, 3]
+    table.eval()  # inference reads the weights only
+    table.warm(torch.tensor([700]))
+    assert [s.stats()["pages_warmed"] for s in table.stores] == [4, 3, 3]
+    table.close()

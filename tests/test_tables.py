@@ -2,11 +2,12 @@
 
 The shared suite is parametrised over backends (device, host, disk when
 ``engramlm.tables.disk`` is there): lookups, prefetching (including prefetches for two
-batches in flight at once, and prefetches overtaken by a write), and training - one step of a
-table, a tiny EngramLM, and full ``train()`` runs - bitwise equal (fp32) to the device table
-trained with SparseAdam. Then conversion between backends, checkpoints that move between
-them, and exact resume of every tier (disk tables through the snapshots in checkpoints), also
-onto another tier (Adam moments included), and ``engramlm tables export|import``.
+batches in flight at once, and prefetches overtaken by a write), warming, and training - one
+step of a table, a tiny EngramLM, and full ``train()`` runs (with and without warming) -
+bitwise equal (fp32) to the device table trained with SparseAdam. Then conversion between
+backends, checkpoints that move between them, and exact resume of every tier (disk tables
+through the snapshots in checkpoints), also onto another tier (Adam moments included), and
+``engramlm tables export|import``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,12 @@ def test_lookup_returns_the_addressed_rows(plan: TablePlan, reference: DeviceTab
 def test_prefetch_then_lookup_equals_plain_lookup(plan: TablePlan, reference: DeviceTable) -> None:
     table, rows = copy_of(reference, plan), random_rows(1)
     table.prefetch(rows)
+    assert torch.equal(table.lookup(rows), reference.weight.detach()[rows])
+
+
+def test_warm_then_lookup_equals_plain_lookup(plan: TablePlan, reference: DeviceTable) -> None:
+    table, rows = copy_of(reference, plan), random_rows(5)
+    table.warm(rows)
     assert torch.equal(table.lookup(rows), reference.weight.detach()[rows])
 
 
@@ -442,6 +450,22 @@ def test_offloaded_tables_train_bitwise_like_device_tables(
     assert saved["table_storage"] == storage
     assert losses(runs[storage]) == losses(runs["device"])
     assert_same_state(runs[storage], runs["device"])
+
+
+def test_warming_disk_tables_ahead_changes_no_result(
+    corpus: PreparedCorpus, runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``runs["disk"]`` warmed its tables from the loader's thread; the same run with the hint
+    reaching no table trains bitwise alike (losses, weights, Adam moments)."""
+    callers: list[str] = []
+    monkeypatch.setattr(
+        EngramLM, "warm_tables", lambda self, ids: callers.append(threading.current_thread().name)
+    )
+    run = tmp_path / "unwarmed"
+    train(tiny_config(), run_config(corpus, run, "disk"), corpus=corpus, progress=False)
+    assert callers and set(callers) == {"engramlm-prefetch"}  # what was skipped: the loader's
+    assert losses(run) == losses(runs["disk"])
+    assert_same_state(run, runs["disk"])
 
 
 @pytest.mark.parametrize("storage", ["host", "disk"])

@@ -298,6 +298,10 @@ class ShardedTable(nn.Module):
     def prefetch(self, rows: Tensor) -> None:
         """Not used: the exchange is a collective, issued by ``lookup`` on every rank."""
 
+    def warm(self, rows: Tensor) -> None:
+        """Not used: the rows a rank serves come from every rank's batch, known only at the
+        exchange."""
+
     def lookup(self, rows: Tensor) -> Tensor:  # [*] -> [*, dim]
         flat = rows.detach().reshape(-1).to("cpu", torch.int64)  # [n]
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_rows):

@@ -154,6 +154,11 @@ class Engram(nn.Module):
         """Hint the table that [B, T, H] head-local ids will be retrieved soon (SPEC §5)."""
         self.table.prefetch(self.global_rows(hash_ids))
 
+    def warm(self, hash_ids: Tensor) -> None:
+        """Hint the table, a batch or more ahead, that [B, T, H] head-local ids will be retrieved
+        (disk tables start reading them; see ``EngramLM.warm_tables``)."""
+        self.table.warm(self.global_rows(hash_ids))
+
     def retrieve(self, hash_ids: Tensor) -> Tensor:
         """e_t: [B, T, H] head-local ids -> [B, T, E], orders then heads concatenated."""
         vectors = self.table.lookup(self.global_rows(hash_ids))  # [B, T, H, E/H]

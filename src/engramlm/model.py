@@ -404,7 +404,7 @@ class EngramLM(nn.Module):
     lookup is the identity and ``config.compressed_vocab_size`` must be ``None``. Hash ids may
     be precomputed by the data loader with :meth:`compute_hash_ids` (what prefetching needs)
     or are computed inside ``forward``. ``tables`` places the Engram tables (device, host,
-    disk; SPEC §5); the model only ever calls ``lookup`` and ``prefetch`` on them.
+    disk; SPEC §5); the model only ever calls ``lookup``, ``prefetch`` and ``warm`` on them.
     """
 
     def __init__(
@@ -605,6 +605,15 @@ class EngramLM(nn.Module):
         if self.hasher is None:
             return {}
         return self.hasher.all_layers(self.compress(input_ids), prefix)
+
+    def warm_tables(self, hash_ids: dict[int, Tensor]) -> None:
+        """Hint every Engram table that a later batch's rows ({layer_id: [B, T, H]}, from
+        :meth:`compute_hash_ids`) will be looked up. For the data loader's thread, which knows
+        batches ahead of the step: disk tables start reading those rows then, and the step's
+        own :meth:`forward` prefetch finds them in memory (SPEC §5)."""
+        for block in self.layers:
+            if block.engram is not None:
+                block.engram.warm(hash_ids[block.layer_id])
 
     def new_cache(self) -> DecodeCache:
         return DecodeCache.empty(self.config.num_layers)

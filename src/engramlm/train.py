@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from engramlm.checkpoint import (
     check_compatible,
@@ -50,6 +51,7 @@ from engramlm.checkpoint import (
 )
 from engramlm.config import ModelConfig, check_fields
 from engramlm.data import (
+    HashFn,
     Prefetcher,
     PreparedCorpus,
     TrainBatches,
@@ -219,6 +221,22 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
+def batch_hasher(model: EngramLM) -> HashFn:
+    """What the data loader applies to each batch: ``model.compute_hash_ids``, followed, when
+    a table keeps its rows in files, by ``model.warm_tables`` on the result. The loader runs a
+    batch or two ahead of the step (:class:`Prefetcher`), so the disk starts reading a batch's
+    missed rows while the steps before it compute, not at its lookup (SPEC §5)."""
+    if not any(isinstance(t, OffloadedTable) and t.has_files for t in model.engram_tables()):
+        return model.compute_hash_ids
+
+    def hash_and_warm(input_ids: Tensor) -> dict[int, Tensor]:  # [B, T] -> {layer: [B, T, H]}
+        hash_ids = model.compute_hash_ids(input_ids)
+        model.warm_tables(hash_ids)
+        return hash_ids
+
+    return hash_and_warm
+
+
 @torch.no_grad()
 def evaluate(
     model: EngramLM,
@@ -232,13 +250,15 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch, counted in launch.share(batches) if launch else ((b, True) for b in batches):
-        batch = batch.to(device)
-        with _autocast(cfg, device):
-            out = model(batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets)
-        n = batch.targets.numel() if counted else 0
-        total += float(out.loss) * n
-        count += n
+    # One process: the next batches are hashed (and disk tables warmed) while this one runs.
+    with contextlib.nullcontext(batches) if launch else Prefetcher(batches) as ahead:
+        for batch, counted in launch.share(batches) if launch else ((b, True) for b in ahead):
+            batch = batch.to(device)
+            with _autocast(cfg, device):
+                out = model(batch.input_ids, hash_ids=batch.hash_ids, targets=batch.targets)
+            n = batch.targets.numel() if counted else 0
+            total += float(out.loss) * n
+            count += n
     if launch is not None:
         total, count = launch.sum(total, count)
     model.train(was_training)
@@ -342,14 +362,14 @@ def train(
             cfg.batch_size,
             cfg.seq_len,
             seed=cfg.seed,
-            hash_fn=model.compute_hash_ids if launch is None else None,
+            hash_fn=batch_hasher(model) if launch is None else None,
         )
         val_batches = ValBatches(
             corpus.val,
             cfg.batch_size,
             cfg.seq_len,
             max_batches=cfg.eval_batches,
-            hash_fn=model.compute_hash_ids,
+            hash_fn=batch_hasher(model),
         )
 
         start_step, tokens_seen, train_seconds = 0, 0, 0.0
@@ -410,7 +430,7 @@ def train(
             train_batches
             if launch is None
             else distributed.RankBatches(
-                train_batches, launch.rank, launch.world, model.compute_hash_ids
+                train_batches, launch.rank, launch.world, batch_hasher(model)
             ),
             depth=2,
         )
@@ -589,9 +609,9 @@ def _evaluate_text(
         tokens = np.asarray(ids, dtype=np.int64)
         num_bytes = sum(len(d.text.encode()) for d in docs)
     batches = ValBatches(
-        tokens, cfg.batch_size, cfg.seq_len, max_batches=max_batches, hash_fn=model.compute_hash_ids
+        tokens, cfg.batch_size, cfg.seq_len, max_batches=max_batches, hash_fn=batch_hasher(model)
     )
     loss = evaluate(model, batches, cfg, torch.device("cpu"))
-    scored = sum(b.targets.numel() for b in batches)
+    scored = min(len(batches.starts), len(batches) * batches.batch_size) * cfg.seq_len
     # Tokens per byte of the whole text converts nats/token into bits/byte.
     return loss, loss * len(tokens) / (num_bytes * math.log(2)), scored

@@ -1,7 +1,7 @@
 """The storage seam: Engram asks a table for rows; where the rows live is the backend's business.
 
 Every backend (in-memory, host-offloaded, disk, sharded) implements :class:`Table` and passes
-the same test suite; model code only ever calls ``lookup`` and ``prefetch``.
+the same test suite; model code only ever calls ``lookup``, ``prefetch`` and ``warm``.
 """
 
 from __future__ import annotations
@@ -29,4 +29,9 @@ class Table(Protocol):
 
     def prefetch(self, rows: Tensor) -> None:
         """A hint that ``rows`` will be looked up soon; doing nothing is correct."""
+        ...
+
+    def warm(self, rows: Tensor) -> None:
+        """An earlier hint (the data loader's, a batch or more ahead) that ``rows`` will be
+        looked up: slow storage may start reading them; doing nothing is correct."""
         ...

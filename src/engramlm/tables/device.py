@@ -37,5 +37,8 @@ class DeviceTable(nn.Module):
     def prefetch(self, rows: Tensor) -> None:
         """Rows are already resident: nothing to do."""
 
+    def warm(self, rows: Tensor) -> None:
+        """Rows are already resident: nothing to do."""
+
     def extra_repr(self) -> str:
         return f"num_rows={self.num_rows}, dim={self.dim}, sparse_grad={self.sparse_grad}"

@@ -95,6 +95,10 @@ class FileRowStore(RowStore, Protocol):
         """Make every row what it is in ``snapshot``."""
         ...
 
+    def warm(self, rows: Tensor) -> None:
+        """A hint that [n] ids will be read soon: start reading their file pages."""
+        ...
+
     def close(self) -> None:
         """Flush, record the file's checksum, release it."""
         ...
@@ -248,6 +252,18 @@ class OffloadedTable(nn.Module):
         with self._lock:
             self._prefetched.append(_Prefetch(flat, target, future))
             del self._prefetched[: -self.max_prefetches]
+
+    def warm(self, rows: Tensor) -> None:
+        """A hint, earlier than :meth:`prefetch`, that [*] ``rows`` will be looked up: file-backed
+        stores start reading their pages (:meth:`DiskStore.warm`) - the weights, and when
+        training the Adam moments the optimiser step will read. Memory stores need nothing."""
+        flat = self._flat(rows)
+        stores = self.stores if self.training else (self.weight_store,)
+        files = [s for s in stores if isinstance(s, FileRowStore)]
+        if files:
+            unique = torch.unique(flat)  # once for all three stores
+            for store in files:
+                store.warm(unique)
 
     def lookup(self, rows: Tensor) -> Tensor:  # [*] -> [*, dim]
         flat, target = self._flat(rows), self._target(rows)
