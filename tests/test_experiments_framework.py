@@ -115,3 +115,24 @@ def test_training_runs_are_cached_resumed_and_redone_on_change(
     ctx.train("moe", ctx.base_moe, ctx.train_config(steps=3))
     assert calls == [False, True, False]  # another config: trained from scratch
     assert ctx.load("moe").config.num_layers == ctx.base_moe.num_layers
+
+
+def test_settings_override_the_base_configs(tmp_path: Path) -> None:
+    ctx = Context(
+        name="x",
+        out_root=tmp_path,
+        settings={"moe": {"hidden_size": 128}, "engram": {"layer_ids": [2]}, "train": {"lr": 1e-3}},
+    )
+    assert ctx.base_moe.hidden_size == 128 and ctx.base_engram.layer_ids == (2,)
+    assert ctx.train_config().lr == 1e-3 and ctx.train_config(lr=5e-4).lr == 5e-4
+    with pytest.raises(ValueError, match="only --moe"):
+        Context(name="x", out_root=tmp_path, settings={"model": {"hidden_size": 1}})
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        Context(name="x", out_root=tmp_path, settings={"moe": {"width": 1}})
+
+
+def test_cli_passes_settings(fake_experiment, tmp_path: Path, monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(fake_experiment, "run", lambda ctx: seen.append(ctx.settings) or {})
+    main(["experiment", "fake", "--out", str(tmp_path), "--page", "", "--train.steps=7"])
+    assert seen == [{"train": {"steps": 7}}]

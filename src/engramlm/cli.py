@@ -199,8 +199,7 @@ def cmd_experiment(args: argparse.Namespace, overrides: list[str]) -> None:
     """Run one of the paper's experiments in miniature (or `all`), writing runs/NAME/."""
     from engramlm.experiments import EXPERIMENTS, run_experiment
 
-    if overrides:
-        raise SystemExit(f"engramlm experiment: unknown arguments {overrides}")
+    settings = apply_overrides({}, overrides)  # --moe.* / --engram.* / --train.*
     from engramlm.experiments.report import write_page
 
     names = {"all": list(EXPERIMENTS), "report": []}.get(args.name, [args.name])
@@ -217,6 +216,7 @@ def cmd_experiment(args: argparse.Namespace, overrides: list[str]) -> None:
             seeds=seeds,
             device=args.device,
             data=args.data,
+            settings=settings,
         )
         if args.page and not args.smoke:
             print(f"results page: {write_page(args.out, args.page)}")

@@ -80,6 +80,9 @@ class Context:
     device: str = "cpu"
     progress: bool = True
     data: str | None = None  # corpus override (a named corpus or a path); None = default
+    # Field overrides of the base configs: {"moe": {...}, "engram": {...}, "train": {...}}
+    # (the CLI's --moe.hidden_size=512 --train.steps=600 ...).
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -87,6 +90,13 @@ class Context:
             raise ValueError(f"--scale must be > 0, got {self.scale}")
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed")
+        unknown = set(self.settings) - {"moe", "engram", "train"}
+        if unknown:
+            raise ValueError(
+                f"experiment settings {sorted(unknown)}: only --moe.*, --engram.* and --train.* "
+                "override the base configs"
+            )
+        _ = self.base_moe, self.base_engram, self.train_config()  # invalid overrides fail now
         self.out_root = Path(self.out_root)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -98,16 +108,21 @@ class Context:
     @property
     def base_moe(self) -> ModelConfig:
         """The pure-MoE reference (rho = 1) every experiment starts from."""
-        return SMOKE_MOE if self.smoke else DEFAULT_MOE
+        return self._overridden(SMOKE_MOE if self.smoke else DEFAULT_MOE, "moe")
 
     @property
     def base_engram(self) -> EngramConfig:
         """Engram's shape (layer 1, 2- and 3-grams); table sizes are set by ``allocate``."""
-        return SMOKE_ENGRAM if self.smoke else DEFAULT_ENGRAM
+        return self._overridden(SMOKE_ENGRAM if self.smoke else DEFAULT_ENGRAM, "engram")
+
+    def _overridden(self, cfg: Any, section: str) -> Any:
+        changes = self.settings.get(section)
+        return type(cfg).from_dict({**cfg.to_dict(), **changes}) if changes else cfg
 
     def train_config(self, **changes: Any) -> TrainConfig:
-        """The default training recipe, steps scaled, with ``changes`` applied."""
-        base = SMOKE_TRAIN if self.smoke else DEFAULT_TRAIN
+        """The default training recipe with the ``--train.*`` settings, steps scaled, and
+        ``changes`` applied."""
+        base = self._overridden(SMOKE_TRAIN if self.smoke else DEFAULT_TRAIN, "train")
         if self.data is not None:
             base = dataclasses.replace(base, data=self.data)
         if not self.smoke and self.scale != 1.0:
@@ -193,6 +208,7 @@ class Context:
             "scale": self.scale,
             "smoke": self.smoke,
             "seeds": list(self.seeds),
+            "settings": self.settings,
             "machine": machine(),
             "wall_seconds": round(time.time() - self.started, 1),
             "results": results,

@@ -17,6 +17,7 @@ multi-token word, and the header every report starts with.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import statistics
 from collections.abc import Iterator, Sequence
@@ -84,16 +85,7 @@ class TrainedPairs:
 
 def pair_context(ctx: Context) -> Context:
     """The sibling context whose ``models/`` folder holds the shared pair."""
-    return Context(
-        name=PAIR_NAME,
-        out_root=ctx.out_root,
-        scale=ctx.scale,
-        smoke=ctx.smoke,
-        seeds=ctx.seeds,
-        device=ctx.device,
-        progress=ctx.progress,
-        data=ctx.data,
-    )
+    return dataclasses.replace(ctx, name=PAIR_NAME)
 
 
 def trained_pairs(ctx: Context) -> TrainedPairs:
