@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -204,7 +205,7 @@ class Context:
         check_finite(results)
         doc = {
             "experiment": self.name,
-            "command": " ".join(["engramlm", *sys.argv[1:]]) if sys.argv else "",
+            "command": shlex.join(["engramlm", *sys.argv[1:]]) if sys.argv else "",
             "scale": self.scale,
             "smoke": self.smoke,
             "seeds": list(self.seeds),
