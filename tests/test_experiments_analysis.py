@@ -243,3 +243,17 @@ def test_retention_is_undefined_without_an_unmasked_score() -> None:
     assert masking.retention(0.2, 0.4) == pytest.approx(0.5)
     assert masking.retention(0.1, 0.0) is None
     assert math.isfinite(masking.retention(0.0, 0.3))
+
+
+def test_gate_verdict_needs_a_real_effect_not_just_a_higher_mean() -> None:
+    from engramlm.experiments import gates
+
+    def results(cont: float, initial: float, d: float) -> dict:
+        seed = {"continuation": cont, "word_initial": initial, "other": 0.5, "effect_size": d}
+        stat = {c: {"mean": seed[c], "std": 0.0} for c in ("continuation", "word_initial", "other")}
+        diff = {"mean": cont - initial, "std": 0.0}
+        return {"class_means": {"2": {**stat, "difference": diff, "per_seed": [seed]}}}
+
+    assert gates.verdict(results(0.7, 0.4, 1.1)).startswith("**Reproduced**")
+    assert "negligible" in gates.verdict(results(0.959, 0.957, 0.05))
+    assert gates.verdict(results(0.4, 0.7, -1.1)).startswith("**Not reproduced**: the gate is not")

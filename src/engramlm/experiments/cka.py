@@ -205,8 +205,13 @@ def plot(ctx: Context, results: dict[str, Any]) -> None:
     ctx.savefig(fig, "cka")
 
 
+MIN_SHIFT = 0.25  # layers; a smaller a_j - b_j is read as no shift (the paper's is ~7 of 30)
+
+
 def verdict(results: dict[str, Any]) -> str:
-    """A sentence computed from the numbers: do Engram layers align with deeper MoE layers?"""
+    """A sentence computed from the numbers: do Engram layers align with deeper MoE layers?
+
+    A layer counts as shifted when a_j - b_j >= :data:`MIN_SHIFT` (a quarter of a layer)."""
     layers = results["layers"]
     first = min(results["engram_layers"])
     tested = [layer for layer in layers[:-1] if layer >= first]
@@ -215,7 +220,7 @@ def verdict(results: dict[str, Any]) -> str:
     v = results["views"]["word_final"]
     shifts = [v["shift"]["mean"][layer - 1] for layer in tested]
     a = [v["a"]["mean"][layer - 1] for layer in tested]
-    deeper = [layer for layer, s in zip(tested, shifts, strict=True) if s > 0]
+    deeper = [layer for layer, s in zip(tested, shifts, strict=True) if s >= MIN_SHIFT]
     detail = ", ".join(
         f"layer {layer}: a = {ai:.2f}, a - b = {s:+.2f}"
         for layer, ai, s in zip(tested, a, shifts, strict=True)
@@ -232,10 +237,10 @@ def verdict(results: dict[str, Any]) -> str:
     else:
         head = "**Not reproduced**: no Engram layer aligns with a deeper MoE layer than the reverse"
     every = results["views"]["all"]["shift"]["mean"]
-    agree = sum((every[layer - 1] > 0) == (layer in deeper) for layer in tested)
+    agree = sum((every[layer - 1] >= MIN_SHIFT) == (layer in deeper) for layer in tested)
     return (
-        f"{head} ({detail}; word-final tokens). The all-tokens view agrees at {agree} of "
-        f"{len(tested)} of these layers."
+        f"{head} ({detail}; word-final tokens; a shift counts from a - b >= {MIN_SHIFT} layers). "
+        f"The all-tokens view agrees at {agree} of {len(tested)} of these layers."
     )
 
 

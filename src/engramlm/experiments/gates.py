@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import statistics
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,10 +106,13 @@ def sentence_gates(model: EngramLM, tokenizer: Any) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def class_means(model: EngramLM, ids: Tensor, tokenizer: Any) -> dict[str, dict[str, float]]:
-    """{block: {class: mean gate}} over all tokens of ``ids`` [W, T] and all branches."""
+    """{block: {class: mean gate, "effect_size": d}} over all tokens of ``ids`` [W, T] and all
+    branches; ``effect_size`` is Cohen's d of continuation vs word-initial gates (difference
+    of means over the pooled per-token standard deviation)."""
     cont, initial = continuation_mask(ids, tokenizer)
     masks = {"continuation": cont, "word_initial": initial, "other": ~(cont | initial)}
     sums: dict[str, dict[str, float]] = {}
+    squares: dict[str, dict[str, float]] = {}
     device = device_of(model)
     chunks = zip(batches(ids, device), *(batches(m, device) for m in masks.values()), strict=True)
     for chunk, *chunk_masks in chunks:
@@ -115,13 +120,22 @@ def class_means(model: EngramLM, ids: Tensor, tokenizer: Any) -> dict[str, dict[
             model(chunk)
             for layer, g in gates.items():  # [B, T, M]
                 acc = sums.setdefault(str(layer), {})
+                sq = squares.setdefault(str(layer), {})
                 for name, m in zip(masks, chunk_masks, strict=True):  # m: [B, T]
-                    acc[name] = acc.get(name, 0.0) + float(g[m].sum())
+                    acc[name] = acc.get(name, 0.0) + float(g[m].double().sum())
+                    sq[name] = sq.get(name, 0.0) + float(g[m].double().square().sum())
     counts = {name: int(mask.sum()) * model.config.hc_mult for name, mask in masks.items()}
-    return {
-        layer: {name: acc[name] / max(counts[name], 1) for name in CLASSES}
-        for layer, acc in sums.items()
-    }
+    out = {}
+    for layer, acc in sums.items():
+        means = {name: acc[name] / max(counts[name], 1) for name in CLASSES}
+        var = {
+            name: max(squares[layer][name] / max(counts[name], 1) - means[name] ** 2, 0.0)
+            for name in ("continuation", "word_initial")
+        }
+        pooled = math.sqrt((var["continuation"] + var["word_initial"]) / 2)
+        diff = means["continuation"] - means["word_initial"]
+        out[layer] = {**means, "effect_size": diff / pooled if pooled > 0 else 0.0}
+    return out
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -143,6 +157,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "difference": mean_std(
                 [s[layer]["continuation"] - s[layer]["word_initial"] for s in per_seed]
             ),
+            "effect_size": mean_std([s[layer]["effect_size"] for s in per_seed]),
             "per_seed": [s[layer] for s in per_seed],
         }
         for layer in layers
@@ -229,25 +244,52 @@ def plot_classes(ctx: Context, results: dict[str, Any]) -> None:
     ctx.savefig(fig, "gate_by_class")
 
 
+SMALL_EFFECT = 0.2  # Cohen's d below this is a negligible difference (Cohen's convention)
+
+
 def verdict(results: dict[str, Any]) -> str:
-    """A sentence computed from the numbers: does the gate open more inside multi-token words?"""
-    parts, opened = [], []
+    """A sentence computed from the numbers: does the gate open more inside multi-token words?
+
+    Reproduced in a block when continuation pieces have the higher mean gate in every seed
+    *and* the effect is at least small (Cohen's d >= 0.2); a higher mean with a smaller effect
+    is reported as negligible, not as a reproduction.
+    """
+    parts, opened, direction = [], [], []
     for layer, stats in sorted(results["class_means"].items(), key=lambda kv: int(kv[0])):
         diffs = [s["continuation"] - s["word_initial"] for s in stats["per_seed"]]
+        sizes = [s.get("effect_size", 0.0) for s in stats["per_seed"]]
         up = sum(d > 0 for d in diffs)
-        opened.append(up == len(diffs))
+        direction.append(up == len(diffs))
+        opened.append(up == len(diffs) and min(sizes) >= SMALL_EFFECT)
         parts.append(
             f"block {layer}: continuation {stats['continuation']['mean']:.3f} vs word-initial "
             f"{stats['word_initial']['mean']:.3f} (difference {pm(stats['difference'])}, "
-            f"higher in {up} of {len(diffs)} seeds)"
+            f"Cohen's d {statistics.fmean(sizes):+.2f}, higher in {up} of {len(diffs)} seeds)"
         )
     if all(opened):
-        head = "**Reproduced**: the gate is higher on continuation pieces of multi-token words"
+        head = "**Reproduced**: the gate is clearly higher on continuation pieces of words"
     elif any(opened):
-        head = "**Partly reproduced**: the gate is higher on continuation pieces in some blocks"
+        head = "**Partly reproduced**: the gate is clearly higher on continuation pieces in some"
+        head += " blocks"
+    elif all(direction):
+        head = (
+            "**Not reproduced**: continuation pieces get a higher gate, but the difference is "
+            f"negligible (Cohen's d < {SMALL_EFFECT})"
+        )
     else:
         head = "**Not reproduced**: the gate is not higher on continuation pieces of words"
-    return f"{head} ({'; '.join(parts)})."
+    saturated = [
+        layer
+        for layer, stats in results["class_means"].items()
+        if min(stats[c]["mean"] for c in CLASSES) >= 0.9
+    ]
+    note = (
+        f"; in block {', '.join(sorted(saturated, key=int))} the gate is open (>= 0.9) on "
+        "every token class, so at this size it barely selects"
+        if saturated
+        else ""
+    )
+    return f"{head} ({'; '.join(parts)}){note}."
 
 
 def report(doc: dict[str, Any]) -> str:

@@ -114,7 +114,8 @@ def verdict(results: dict[str, Any]) -> str:
     lower = [layer for layer, gap in zip(layers, gaps, strict=True) if gap > 0]
     best = layers[max(range(len(layers)), key=lambda i: gaps[i])]
     early = best <= math.ceil(len(layers) / 2)
-    where = f"the largest gap is at layer {best} ({'early' if early else 'late'} half)"
+    half = "early" if early else "late"
+    where = f"the largest gap in Engram's favour is at layer {best} ({half} half)"
     if len(moe["per_seed"]) > 1:
         beyond = sum(gap > math.hypot(moe["std"][i], eng["std"][i]) for i, gap in enumerate(gaps))
         noise = f"; the gap exceeds the seed spread at {beyond} of {len(layers)} layers"
@@ -130,7 +131,13 @@ def verdict(results: dict[str, Any]) -> str:
         )
     else:
         head = "**Not reproduced**: Engram's KL is not lower at any non-final layer"
-    return f"{head}; {where}{noise}."
+    higher = [
+        f"layer {layer} ({-gap:.3f} nats higher)"
+        for layer, gap in zip(layers, gaps, strict=True)
+        if gap < 0
+    ]
+    against = f"; Engram's KL is higher at {', '.join(higher)}" if higher and lower else ""
+    return f"{head}; {where}{against}{noise}."
 
 
 def report(doc: dict[str, Any]) -> str:
