@@ -25,6 +25,9 @@ against the paper's 27B-parameter models trained on 262B tokens, so only the *di
 of each finding can be compared, and single runs of this size move by up to ~0.16 nats with the
 initial draws alone (docs/design.md): read the spreads over seeds before reading the differences.
 Verdicts are computed from the numbers by each experiment's `report()`, not written by hand.
+Wall times are as measured, whatever else ran on the machine (the sections say when experiments
+ran side by side); trained models are shared between experiments (`runs/_models/`), so an
+experiment that reuses another's models takes only its own analysis time.
 """
 
 
@@ -60,7 +63,7 @@ def render(out_root: str | Path = "runs", img_dir: str | Path = "docs/img/result
             plots.append(f"[{png.stem}](img/results/{name}/{png.name})")
         module = importlib.import_module(f"engramlm.experiments.{module_name}")
         minutes = doc.get("wall_seconds", 0.0) / 60
-        index.append(f"| [{name}]({anchor}) | {what} | {minutes:.0f} min | {', '.join(plots)} |")
+        index.append(f"| [{name}]({anchor}) | {what} | {minutes:.1f} min | {', '.join(plots)} |")
         sections.append(f'<a id="{name}"></a>\n\n' + module.report(doc).strip() + "\n")
     return "\n".join([HEADER, *index, "", *sections])
 
