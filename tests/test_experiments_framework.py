@@ -136,3 +136,32 @@ def test_cli_passes_settings(fake_experiment, tmp_path: Path, monkeypatch) -> No
     monkeypatch.setattr(fake_experiment, "run", lambda ctx: seen.append(ctx.settings) or {})
     main(["experiment", "fake", "--out", str(tmp_path), "--page", "", "--train.steps=7"])
     assert seen == [{"train": {"steps": 7}}]
+
+
+def test_a_run_being_trained_elsewhere_is_waited_for_then_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import threading
+
+    from engramlm.experiments import common
+
+    ctx = Context(name="wait", out_root=tmp_path, smoke=True, progress=False)
+    cfg = ctx.train_config(steps=2)
+    first = ctx.train("moe", ctx.base_moe, cfg)  # stored once; now pretend it is in progress
+    run_dir = (tmp_path / "wait" / "models" / "moe").resolve()
+    result = run_dir / "result.json"
+    saved = result.read_text()
+    result.unlink()
+    calls: list[int] = []
+    monkeypatch.setattr(common, "train", lambda *a, **k: calls.append(1))
+    got: list = []
+    with open(run_dir.parent / f"{run_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # "another process" is training it
+        waiter = threading.Thread(target=lambda: got.append(ctx.train("moe", ctx.base_moe, cfg)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not got  # blocked on the lock, not training
+        result.write_text(saved)  # the other trainer finishes
+    waiter.join(timeout=10)
+    assert calls == [] and got[0].val_loss == first.val_loss

@@ -18,6 +18,7 @@ multiplies training steps (``--scale 4`` on a GPU); ``smoke`` shrinks everything
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -153,7 +154,9 @@ class Context:
         Runs are stored once per configuration under ``<out_root>/_models/<digest>`` (digest of
         the model and training configs), and ``models/<key>`` links there, so experiments that
         train the same model (the allocation sweep's rho = 1 and the analyses' MoE, say) share
-        it. A finished run is read back; one with checkpoints but no result resumes.
+        it. A finished run is read back; one with checkpoints but no result resumes; a run being
+        trained by another process (an experiment started beside this one) is waited for (a
+        lock file beside it) and then read back.
         """
         train_cfg = train_cfg or self.train_config()
         wanted = {"model": changed_fields(model_cfg), "train": changed_fields(train_cfg)}
@@ -172,18 +175,23 @@ class Context:
             link.symlink_to(Path("..", "..", "_models", digest), target_is_directory=True)
         train_cfg = dataclasses.replace(train_cfg, out_dir=str(run_dir))
         result_file = run_dir / "result.json"
-        if result_file.exists():
-            logger.info("%s/%s: finished earlier, reading %s", self.name, key, result_file)
-            return TrainResult(**json.loads(result_file.read_text()))
-        logger.info("%s/%s: training %d steps in %s", self.name, key, train_cfg.steps, run_dir)
-        return train(
-            model_cfg,
-            train_cfg,
-            resume=run_dir.exists(),
-            corpus=self.corpus,
-            progress=self.progress,
-            device=self.device,
-        )
+        # One trainer per stored run: experiments started side by side that need the same model
+        # wait for it here and then read it back, instead of training it twice at once.
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.parent / f"{digest}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if result_file.exists():
+                logger.info("%s/%s: finished earlier, reading %s", self.name, key, result_file)
+                return TrainResult(**json.loads(result_file.read_text()))
+            logger.info("%s/%s: training %d steps in %s", self.name, key, train_cfg.steps, run_dir)
+            return train(
+                model_cfg,
+                train_cfg,
+                resume=run_dir.exists(),
+                corpus=self.corpus,
+                progress=self.progress,
+                device=self.device,
+            )
 
     def load(self, key: str) -> EngramLM:
         """The trained model of ``models/<key>`` in eval mode."""
