@@ -52,6 +52,7 @@ from engramlm.config import ModelConfig
 from engramlm.data import Document, PreparedCorpus, tokenize_to_file
 from engramlm.experiments.common import Context
 from engramlm.model import EngramLM, allocate, model_stats
+from engramlm.train import TrainConfig, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -375,14 +376,32 @@ def build_models(ctx: Context, sizes: Sizes) -> dict[str, ModelConfig]:
     return {"moe": moe, "engram": allocate(moe, DEFAULT_RHO, engram=ctx.base_engram)}
 
 
-def run(ctx: Context) -> dict[str, Any]:
-    """Train MoE and Engram on text + probes for each seed; score fresh probes per length."""
+@dataclasses.dataclass
+class Plan:
+    """What ``run`` trains: the models, their recipe and the context that trains on the mix."""
+
+    sizes: Sizes
+    steps: int
+    train_ctx: Context  # ``ctx`` with the text + probes mixture as its corpus
+    configs: dict[str, ModelConfig]
+    train_cfg: TrainConfig
+    mix_counts: dict[str, int]
+
+    def train(self, kind: str, seed: int) -> TrainResult:
+        """Train (or read back) the ``kind`` model ("moe" / "engram") of ``seed``."""
+        cfg = dataclasses.replace(self.train_cfg, seed=seed)
+        return self.train_ctx.train(f"{kind}-seed{seed}", self.configs[kind], cfg)
+
+
+def plan(ctx: Context) -> Plan:
+    """The training side of :func:`run`; a second process can call ``plan(ctx).train(...)`` on
+    one of the models while ``run`` trains the other (stored runs are locked, so ``run`` then
+    reads it back)."""
     sizes = SMOKE_SIZES if ctx.smoke else DEFAULT_SIZES
     steps = sizes.steps if ctx.smoke else max(1, round(sizes.steps * ctx.scale))
     mix, mix_counts = mixed_corpus(ctx, sizes, steps)
     train_ctx = dataclasses.replace(ctx)
     train_ctx.corpus = mix  # every run of this experiment trains on the mixture
-    configs = build_models(ctx, sizes)
     eval_every = max(1, steps // 2)
     base = ctx.train_config()
     train_cfg = ctx.train_config(
@@ -402,6 +421,13 @@ def run(ctx: Context) -> dict[str, Any]:
             // (sizes.batch_size * sizes.seq_len),
         ),
     )
+    return Plan(sizes, steps, train_ctx, build_models(ctx, sizes), train_cfg, mix_counts)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Train MoE and Engram on text + probes for each seed; score fresh probes per length."""
+    p = plan(ctx)
+    sizes, steps, configs, mix_counts = p.sizes, p.steps, p.configs, p.mix_counts
 
     corpus = ctx.corpus
     filler = Filler(np.asarray(corpus.val.tokens), corpus.tokenizer, corpus.eos_id)
@@ -420,7 +446,7 @@ def run(ctx: Context) -> dict[str, Any]:
         per_seed = []
         for seed in ctx.seeds:
             key = f"{kind}-seed{seed}"
-            result = train_ctx.train(key, cfg, dataclasses.replace(train_cfg, seed=seed))
+            result = p.train(kind, seed)
             model = ctx.load(key)
             logger.info("longctx: scoring %s on %d probes", key, sum(map(len, probes.values())))
             scores = {
