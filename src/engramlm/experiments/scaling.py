@@ -288,4 +288,14 @@ def verdict(res: dict[str, Any], num_seeds: int) -> str:
         f"Largest Engram table minus the memory-free MoE: "
         f"{largest['val_loss_mean'] - moe:+.4f} nats."
     )
+    oe_rows = [r for r in res["rows"] if r["kind"] == "overencoding"]
+    worse = [r for r in oe_rows if r["val_loss_mean"] > moe]
+    if oe_rows and len(worse) == len(oe_rows):
+        parts.append(
+            "Caveat: Over-Encoding as built here is worse than the memory-free MoE at every size "
+            f"({min(r['val_loss_mean'] for r in oe_rows):.4f} at best vs {moe:.4f}), so beating "
+            "it says little about Engram against a well-tuned input-side n-gram baseline. A "
+            "likely cause, not isolated here: its mean over the token embedding and the "
+            "projected n-gram rows shrinks the token embedding by 1/(1 + H)."
+        )
     return " ".join(parts)
