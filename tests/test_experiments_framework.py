@@ -54,6 +54,36 @@ def test_results_json_and_page(fake_experiment: types.ModuleType, tmp_path: Path
     assert (tmp_path / "docs" / "img" / "results" / "fake" / "line.png").exists()
 
 
+def test_sections_without_results_are_kept_from_the_previous_page(
+    fake_experiment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout that reruns one experiment keeps the others' sections (runs/ is not committed)."""
+    experiments.run_experiment("fake", out_root=tmp_path / "a", progress=False)
+    page = report.write_page(tmp_path / "a", tmp_path / "docs" / "results.md")
+    first = page.read_text()
+    assert "[results.json](img/results/fake/results.json)" in first
+    copied = tmp_path / "docs" / "img" / "results" / "fake" / "results.json"
+    copied = json.loads(copied.read_text())
+    assert copied["results"]["value"] == 1.5
+    # A second experiment is registered and run in a checkout without the first one's runs.
+    other = types.ModuleType("engramlm.experiments._other")
+    other.run = lambda ctx: {"value": 2.5}
+    other.report = lambda doc: f"## Other\n\nvalue {doc['results']['value']}\n"
+    monkeypatch.setitem(sys.modules, "engramlm.experiments._other", other)
+    registry = {**experiments.EXPERIMENTS, "other": ("_other", "another experiment")}
+    monkeypatch.setattr(experiments, "EXPERIMENTS", registry)
+    monkeypatch.setattr(report, "EXPERIMENTS", registry)
+    experiments.run_experiment("other", out_root=tmp_path / "b", progress=False)
+    text = report.write_page(tmp_path / "b", page).read_text()
+    assert "value 1.5" in text and "value 2.5" in text
+    assert "| [fake](#fake) | a fake experiment |" in text and "| [other](#other) |" in text
+    assert text.count('<a id="fake"></a>') == 1 and "Not run yet" not in text
+    # Without a previous page, an experiment with no results is reported as not run.
+    assert "Not run yet at full size: `engramlm experiment fake`" in report.render(
+        tmp_path / "b", tmp_path / "img"
+    )
+
+
 def test_smoke_results_never_reach_the_page(fake_experiment, tmp_path: Path) -> None:
     experiments.run_experiment("fake", out_root=tmp_path, smoke=True, progress=False)
     text = report.render(tmp_path, tmp_path / "img")

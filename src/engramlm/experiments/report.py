@@ -2,8 +2,11 @@
 
 Each experiment module renders its own section (``report(doc) -> str``: command, machine, wall
 time, measured numbers beside the paper's, a verdict computed from the numbers). This module
-puts them in the issue's order under an index, copies the plots to ``docs/img/results/<name>/``
-and marks experiments that have not been run. Smoke-size results are never written to the page.
+puts them in the issue's order under an index, copies the plots and the ``results.json`` to
+``docs/img/results/<name>/`` and marks experiments that have not been run. An experiment with no
+results under ``out_root`` (another checkout ran it: ``runs/`` is not committed) keeps its section
+and index row from the existing page, so rerunning one experiment never erases the others.
+Smoke-size results are never written to the page.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -19,15 +23,16 @@ from engramlm.experiments import EXPERIMENTS
 HEADER = """# Results: the paper's experiments in miniature
 
 Every number on this page was written by `engramlm experiment NAME` (or `make reproduce`, which
-runs them all) from `runs/NAME/results.json`; each section quotes its command, the machine and the
-wall time. The models are tiny (4 layers, width 256, ~16M parameters, minutes of CPU training)
-against the paper's 27B-parameter models trained on 262B tokens, so only the *direction and shape*
-of each finding can be compared, and single runs of this size move by up to ~0.16 nats with the
-initial draws alone (docs/design.md): read the spreads over seeds before reading the differences.
-Verdicts are computed from the numbers by each experiment's `report()`, not written by hand.
-Wall times are as measured, whatever else ran on the machine (the sections say when experiments
-ran side by side); trained models are shared between experiments (`runs/_models/`), so an
-experiment that reuses another's models takes only its own analysis time.
+runs them all) from `runs/NAME/results.json`, copied beside the plots and linked from the index
+(the raw file of a result written before copies were kept is not there). Each section quotes its
+command, the machine and the wall time. The models are tiny (4 layers, width 256, ~16M
+parameters, minutes of CPU training) against the paper's 27B-parameter models trained on 262B
+tokens, so only the *direction and shape* of each finding can be compared, and single runs of this
+size move by up to ~0.16 nats with the initial draws alone (docs/design.md): read the spreads
+over seeds before reading the differences. Verdicts are computed from the numbers by each
+experiment's `report()`, not written by hand. Wall times are as measured, whatever else ran on the
+machine (the sections say when experiments ran side by side); trained models are shared between experiments (`runs/_models/`), so an experiment that reuses
+another's models takes only its own analysis time.
 """
 
 
@@ -40,14 +45,47 @@ def load_results(out_root: str | Path, name: str) -> dict | None:
     return None if doc.get("smoke") else doc
 
 
-def render(out_root: str | Path = "runs", img_dir: str | Path = "docs/img/results") -> str:
-    """The markdown page; copies each experiment's PNGs into ``img_dir/<name>/``."""
+_ANCHOR = re.compile(r'^<a id="([a-z0-9_]+)"></a>$', re.MULTILINE)
+
+
+def previous_entries(page_text: str) -> dict[str, tuple[str, str]]:
+    """``{name: (index row, section)}`` of the experiments a rendered page reports results for."""
+    rows = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"^\| \[([a-z0-9_]+)\]\(#\1\) \|.*$", page_text, re.MULTILINE)
+    }
+    marks = list(_ANCHOR.finditer(page_text))
+    entries = {}
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(page_text)
+        name = m.group(1)
+        if name in rows:  # "not run yet" sections have a plain (unlinked) index row
+            entries[name] = (rows[name], page_text[m.start() : end].strip() + "\n")
+    return entries
+
+
+def render(
+    out_root: str | Path = "runs",
+    img_dir: str | Path = "docs/img/results",
+    previous: str | None = None,
+) -> str:
+    """The markdown page; copies each experiment's PNGs and results.json into ``img_dir/<name>/``.
+
+    ``previous`` is the text of the page being replaced: experiments without results under
+    ``out_root`` keep their entries from it.
+    """
     out_root, img_dir = Path(out_root), Path(img_dir)
+    kept = previous_entries(previous) if previous else {}
     index = ["| experiment | what it measures | wall time | plots |", "|---|---|---|---|"]
     sections = []
     for name, (module_name, what) in EXPERIMENTS.items():
         doc = load_results(out_root, name)
         anchor = f"#{name}"
+        if doc is None and name in kept:
+            row, section = kept[name]
+            index.append(row)
+            sections.append(section)
+            continue
         if doc is None:
             index.append(f"| {name} | {what} | not run yet | |")
             sections.append(
@@ -61,6 +99,9 @@ def render(out_root: str | Path = "runs", img_dir: str | Path = "docs/img/result
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, dest)
             plots.append(f"[{png.stem}](img/results/{name}/{png.name})")
+        (img_dir / name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out_root / name / "results.json", img_dir / name / "results.json")
+        plots.append(f"[results.json](img/results/{name}/results.json)")
         module = importlib.import_module(f"engramlm.experiments.{module_name}")
         minutes = doc.get("wall_seconds", 0.0) / 60
         index.append(f"| [{name}]({anchor}) | {what} | {minutes:.1f} min | {', '.join(plots)} |")
@@ -71,7 +112,8 @@ def render(out_root: str | Path = "runs", img_dir: str | Path = "docs/img/result
 def write_page(out_root: str | Path = "runs", page: str | Path = "docs/results.md") -> Path:
     """Render and atomically write the results page (plots next to it under img/results/)."""
     page = Path(page)
-    text = render(out_root, page.parent / "img" / "results")
+    previous = page.read_text() if page.exists() else None
+    text = render(out_root, page.parent / "img" / "results", previous)
     page.parent.mkdir(parents=True, exist_ok=True)
     tmp = page.with_suffix(".md.tmp")
     tmp.write_text(text)
