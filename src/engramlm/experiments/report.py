@@ -31,8 +31,9 @@ tokens, so only the *direction and shape* of each finding can be compared, and s
 size move by up to ~0.16 nats with the initial draws alone (docs/design.md): read the spreads
 over seeds before reading the differences. Verdicts are computed from the numbers by each
 experiment's `report()`, not written by hand. Wall times are as measured, whatever else ran on the
-machine (the sections say when experiments ran side by side); trained models are shared between experiments (`runs/_models/`), so an experiment that reuses
-another's models takes only its own analysis time.
+machine (the sections say when experiments ran side by side); trained models are shared between
+experiments (`runs/_models/`), so an experiment that reuses another's models takes only its own
+analysis time.
 """
 
 
