@@ -37,6 +37,7 @@ from engramlm.model import (
 from engramlm.retrofit import load_retrofit, retrofit, save_retrofit, train_retrofit
 from engramlm.tables import DeviceTable, Table
 from engramlm.tokenization import CompressedVocab, TokenizerMismatchError, vocab_fingerprint
+from engramlm.train import TrainConfig
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,7 @@ __all__ = [
     "TokenFile",
     "TokenizerMismatchError",
     "TrainBatches",
+    "TrainConfig",
     "ValBatches",
     "__version__",
     "allocate",
