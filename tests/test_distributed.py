@@ -32,7 +32,7 @@ from engramlm.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from engramlm.config import ModelConfig
+from engramlm.config import EngramConfig, ModelConfig
 from engramlm.data import TrainBatches
 from engramlm.model import EngramLM
 from engramlm.tables import TablePlan
@@ -65,15 +65,34 @@ VARIANTS = {  # name -> ParallelPlan fields
     "ddp-all_to_all": {"dense": "ddp", "exchange": "all_to_all"},
     "ddp-p2p": {"dense": "ddp", "exchange": "p2p"},
     "fsdp-all_to_all": {"dense": "fsdp", "exchange": "all_to_all"},
+    "overencoding": {"dense": "ddp", "exchange": "all_to_all"},  # on OE_CONFIG's model
 }
 TIMEOUT_S = 10.0  # process-group set-up
 PEER_TIMEOUT_S = 3.0  # the table exchanges in the failure tests
 
 
 # --- shared by the workers and the reference ------------------------------------------------
-def _model() -> EngramLM:
+# The Over-Encoding baseline's input table is sharded like Engram's (EngramLM.engram_tables()).
+# Its tables are large enough that few rows are hit three times in a step: with (101, 103) rows
+# per head, many are, and the owners' per-rank sums then add a row's gradients in another order
+# than SparseAdam's coalesce; Adam (eps 1e-8, lr 1e-2) turns those last bits into 3e-6 in the
+# embedding after 3 steps, a quarter of what re-splitting the batch alone changes (1.3e-5).
+OE_CONFIG = ModelConfig.preset(
+    "tiny-moe", overencoding=EngramConfig.preset("tiny", table_sizes=(1009, 1013), layer_ids=(0,))
+)
+
+
+def _model(config: ModelConfig | None = None) -> EngramLM:
     torch.manual_seed(0)
-    return EngramLM(ModelConfig.preset("tiny-engram"), tables=TablePlan())
+    return EngramLM(config or ModelConfig.preset("tiny-engram"), tables=TablePlan())
+
+
+def _table_modules(model: EngramLM) -> dict[str, tuple[str, Any]]:
+    """Every table by the name its shard gets -> (its module name, the table)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {
+        distributed._table_label(names[id(t)]): (names[id(t)], t) for t in model.engram_tables()
+    }
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -116,8 +135,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 # --- the workers ----------------------------------------------------------------------------
-def _train_variant(rank: int, plan: ParallelPlan) -> dict[str, Any]:
-    inner = _model()
+def _train_variant(rank: int, plan: ParallelPlan, config: ModelConfig | None) -> dict[str, Any]:
+    inner = _model(config)
     model = parallelize(inner, plan)
     optimizers = build_optimizers(inner, TRAIN)
     assert "tables" not in optimizers  # sharded tables are ours to add
@@ -244,7 +263,8 @@ def _worker(rank: int, port: int, out: str, job: str) -> None:
         )
         if job == "train":
             for name, fields in VARIANTS.items():
-                result[name] = _train_variant(rank, ParallelPlan(timeout_s=TIMEOUT_S, **fields))
+                plan = ParallelPlan(timeout_s=TIMEOUT_S, **fields)
+                result[name] = _train_variant(rank, plan, _variant_config(name))
             result["built"] = _built_without_full_tables(rank)
             result["checkpoints"] = _checkpoint_round_trips(rank, Path(out))
             result["idle_step"] = _idle_shard_steps(rank)
@@ -284,14 +304,25 @@ def _launch(tmp: Path, job: str, timeout: float = 90.0) -> list[dict[str, Any]]:
     return results
 
 
+MODELS = {"engram": None, "overencoding": OE_CONFIG}  # None: tiny-engram
+
+
+def _model_kind(variant: str) -> str:
+    return "overencoding" if variant == "overencoding" else "engram"
+
+
+def _variant_config(variant: str) -> ModelConfig | None:
+    return MODELS[_model_kind(variant)]
+
+
 # --- the single-process reference -----------------------------------------------------------
-def _reference(parts: int) -> dict[str, Any]:
+def _reference(parts: int, config: ModelConfig | None = None) -> dict[str, Any]:
     """One process, the global batch. ``parts=1``: one forward over it. ``parts=WORLD``: the
     same mean loss over the ranks' micro-batches, i.e. the same arithmetic shapes as the ranks.
     """
-    model = _model()
+    model = _model(config)
     optimizers = build_optimizers(model, TRAIN)  # SparseAdam on device tables
-    tables = {f"engram_layer{b.layer_id}": b.engram.table for b in model.layers if b.engram}
+    tables = {name: t for name, (_, t) in _table_modules(model).items()}
     losses, grads = [], {}
     for step, (x, y) in enumerate(_batches()):
         losses.append(_backward(model, x, y, parts))
@@ -299,12 +330,14 @@ def _reference(parts: int) -> dict[str, Any]:
             grads = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()}
             grads.update({name: t.weight.grad.to_dense().clone() for name, t in tables.items()})
         _update(model, optimizers)
+    table_params = {f"{module}.weight" for module, _ in _table_modules(model).values()}
     return {
         "losses": losses,
         "grads": grads,
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "biases": {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")},
         "tables": {name: t.weight.detach().clone() for name, t in tables.items()},
+        "table_params": table_params,  # their names among the parameters
     }
 
 
@@ -330,7 +363,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ...]:
     try:
         single = _one_process_checkpoint(out / "single")
         ranks = _launch(out, "train")
-        return ranks, _reference(parts=1), _reference(parts=WORLD), out, single
+        # Per model: one process on the whole batch, and on the ranks' micro-batches.
+        whole = {k: _reference(1, c) for k, c in MODELS.items()}
+        split = {k: _reference(WORLD, c) for k, c in MODELS.items()}
+        return ranks, whole, split, out, single
     finally:
         torch.set_num_threads(threads)
 
@@ -352,33 +388,35 @@ EXACT = {"rtol": 0.0, "atol": 1e-6}
 def test_sharded_forward_and_backward_match_single_process(runs, variant: str) -> None:
     """Losses of every step and the first step's gradients (dense and table rows) equal one
     process's on the global batch; row gradients gathered from the owners' shards."""
-    ranks, ref, *_ = runs
+    ranks, whole, *_ = runs
+    ref = whole[_model_kind(variant)]
     for r, result in enumerate(ranks):
         got = result[variant]
         torch.testing.assert_close(
             torch.tensor(got["losses"]), torch.tensor(ref["losses"]), **EXACT
         )
         for name, g in ref["grads"].items():
-            if "engram.table" in name or name in ref["tables"]:
+            if name in ref["table_params"] or name in ref["tables"]:
                 continue
             torch.testing.assert_close(got["grads"][name], g, **EXACT, msg=f"rank {r} {name}")
+    assert set(ranks[0][variant]["shards"]) == set(ref["tables"]), "not every table sharded"
     for name in ref["tables"]:
         pieces = sorted(
             (res[variant]["shards"][name][0], res[variant]["grads"][name]) for res in ranks
         )
         grad = torch.cat([g for _, g in pieces])
-        full = ref["grads"][f"layers.{name.removeprefix('engram_layer')}.engram.table.weight"]
-        torch.testing.assert_close(grad, full, **EXACT, msg=f"row gradients of {name}")
+        torch.testing.assert_close(grad, ref["grads"][name], **EXACT, msg=f"row grads of {name}")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_sharded_training_matches_single_process(runs, variant: str) -> None:
     """After 3 optimiser steps (AdamW dense, lazy Adam on the shards) every weight equals the
     one-process run on the same micro-batches."""
-    ranks, _, ref, *_ = runs
+    ranks, _, split, *_ = runs
+    ref = split[_model_kind(variant)]
     for r, result in enumerate(ranks):
         got = result[variant]
-        dense = {n: p for n, p in ref["params"].items() if "engram.table" not in n}
+        dense = {n: p for n, p in ref["params"].items() if n not in ref["table_params"]}
         assert set(got["params"]) == set(dense), f"rank {r}: parameter names differ"
         for name, p in dense.items():
             torch.testing.assert_close(got["params"][name], p, **EXACT, msg=f"rank {r} {name}")
@@ -387,10 +425,8 @@ def test_sharded_training_matches_single_process(runs, variant: str) -> None:
     for name, full in ref["tables"].items():
         rows = _gathered(ranks, variant, name)
         torch.testing.assert_close(rows, full, **EXACT, msg=f"table {name}")
-        initial = {
-            f"engram_layer{b.layer_id}": b.engram.table.weight for b in _model().layers if b.engram
-        }
-        assert not torch.equal(rows, initial[name]), "the table did not train"
+        initial = _table_modules(_model(_variant_config(variant)))[name][1].weight
+        assert not torch.equal(rows, initial), "the table did not train"
 
 
 def test_dedup_sends_fewer_ids_than_requested(runs) -> None:
