@@ -94,15 +94,12 @@ def render(
                 f"`engramlm experiment {name}`.\n"
             )
             continue
-        plots = []
-        for png in sorted((out_root / name).glob("*.png")):
-            dest = img_dir / name / png.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(png, dest)
-            plots.append(f"[{png.stem}](img/results/{name}/{png.name})")
         (img_dir / name).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out_root / name / "results.json", img_dir / name / "results.json")
-        plots.append(f"[results.json](img/results/{name}/results.json)")
+        plots = []
+        for path in [*sorted((out_root / name).glob("*.png")), out_root / name / "results.json"]:
+            shutil.copyfile(path, img_dir / name / path.name)
+            label = path.stem if path.suffix == ".png" else path.name
+            plots.append(f"[{label}](img/results/{name}/{path.name})")
         module = importlib.import_module(f"engramlm.experiments.{module_name}")
         minutes = doc.get("wall_seconds", 0.0) / 60
         index.append(f"| [{name}]({anchor}) | {what} | {minutes:.1f} min | {', '.join(plots)} |")
