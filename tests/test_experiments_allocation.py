@@ -100,6 +100,10 @@ def test_allocation_verdict_is_computed_from_the_numbers() -> None:
     text = allocation.verdict(u, num_seeds=3)
     assert "rho = 0.8, inside" in text and "U-shape reproduced, with" in text
     assert "within two pooled seed standard deviations" in text
+    # Falls beyond the noise (2 x 0.01), then climbs back only 0.01: one arm, not a U.
+    arm = allocation.summarise(points({1.0: 2.0, 0.8: 1.9, 0.6: 1.905, 0.4: 1.91}))
+    text = allocation.verdict(arm, num_seeds=3)
+    assert "one arm of the U, not the U" in text and "U-shape reproduced" not in text
     shallow = allocation.summarise(points({1.0: 2.0, 0.8: 1.99, 0.6: 1.995, 0.4: 2.005}))
     assert "not established beyond seed noise" in allocation.verdict(shallow, num_seeds=3)
     monotone = allocation.summarise(points({1.0: 2.0, 0.8: 1.9, 0.6: 1.8, 0.4: 1.7}))
