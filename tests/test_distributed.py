@@ -80,6 +80,15 @@ PEER_TIMEOUT_S = 3.0  # the table exchanges in the failure tests
 OE_CONFIG = ModelConfig.preset(
     "tiny-moe", overencoding=EngramConfig.preset("tiny", table_sizes=(1009, 1013), layer_ids=(0,))
 )
+MODELS = {"engram": None, "overencoding": OE_CONFIG}  # the variants' models; None: tiny-engram
+
+
+def _model_kind(variant: str) -> str:
+    return "overencoding" if variant == "overencoding" else "engram"
+
+
+def _variant_config(variant: str) -> ModelConfig | None:
+    return MODELS[_model_kind(variant)]
 
 
 def _model(config: ModelConfig | None = None) -> EngramLM:
@@ -302,17 +311,6 @@ def _launch(tmp: Path, job: str, timeout: float = 90.0) -> list[dict[str, Any]]:
         results.append(torch.load(path, weights_only=False) if path.exists() else {})
         assert "traceback" not in results[-1], f"rank {r} failed:\n{results[-1]['traceback']}"
     return results
-
-
-MODELS = {"engram": None, "overencoding": OE_CONFIG}  # None: tiny-engram
-
-
-def _model_kind(variant: str) -> str:
-    return "overencoding" if variant == "overencoding" else "engram"
-
-
-def _variant_config(variant: str) -> ModelConfig | None:
-    return MODELS[_model_kind(variant)]
 
 
 # --- the single-process reference -----------------------------------------------------------
