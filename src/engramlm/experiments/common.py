@@ -271,4 +271,10 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
+    # The thread count sets the summation order of CPU kernels: runs reproduce bitwise only
+    # with the same count (OMP_NUM_THREADS).
+    threads = torch.get_num_threads()
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, "
+        f"{threads} thread{'s' if threads != 1 else ''}"
+    )

@@ -29,11 +29,13 @@ command, the machine and the wall time. The models are tiny (4 layers, width 256
 parameters, minutes of CPU training) against the paper's 27B-parameter models trained on 262B
 tokens, so only the *direction and shape* of each finding can be compared, and single runs of this
 size move by up to ~0.16 nats with the initial draws alone (docs/design.md): read the spreads
-over seeds before reading the differences. Verdicts are computed from the numbers by each
-experiment's `report()`, not written by hand. Wall times are as measured, whatever else ran on the
-machine (the sections say when experiments ran side by side); trained models are shared between
-experiments (`runs/_models/`), so an experiment that reuses another's models takes only its own
-analysis time.
+over seeds before reading the differences. A run reproduces bitwise only with the same torch
+thread count (`OMP_NUM_THREADS`, in the machine line of results written since it is recorded):
+another count sums in another order, and training amplifies the last bits. Verdicts are computed
+from the numbers by each experiment's `report()`, not written by hand. Wall times are as
+measured, whatever else ran on the machine (the sections say when experiments ran side by side);
+trained models are shared between experiments (`runs/_models/`), so an experiment that reuses
+another's models takes only its own analysis time.
 """
 
 
