@@ -42,8 +42,7 @@ def main() -> None:
             original_init(model)
             for block in model.layers:
                 if block.engram is not None and linear_default:
-                    for proj in (*block.engram.key_projs, block.engram.value_proj):
-                        proj.reset_parameters()
+                    block.engram.kv_proj.reset_parameters()  # keys and W_V, nn.Linear's init
 
         DeviceTable.reset_parameters = reset_rows  # type: ignore[method-assign]
         EngramLM.init_weights = init_weights  # type: ignore[method-assign]

@@ -41,7 +41,10 @@ def test_defaults_are_the_demos() -> None:
     cfg = EngramConfig()
     assert cfg.table_sizes == (646_400, 646_400) and cfg.layer_ids == (1, 15)
     assert (cfg.max_ngram, cfg.heads_per_ngram, cfg.embed_dim_per_ngram) == (3, 8, 512)
-    assert (cfg.pad_id, cfg.seed, cfg.kernel_size, cfg.hc_mult) == (2, 0, 4, 4)
+    assert (cfg.seed, cfg.kernel_size, cfg.hc_mult) == (0, 4, 4)
+    # The demo's pad id 2 is DeepSeek-V3's pad token; ours is resolved from the tokenizer.
+    assert cfg.pad_id is None
+    assert (cfg.bias, cfg.norm_eps, cfg.conv_norm_eps) == (True, None, 1e-5)
     assert cfg.memory_dim == 1024 and cfg.head_dim == 64 and cfg.num_heads == 16
 
 

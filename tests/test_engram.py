@@ -28,37 +28,63 @@ def randomise_conv(engram: Engram) -> None:
         engram.short_conv.weight.normal_(0, 0.5)
 
 
+def randomise_norms(engram: Engram) -> None:
+    """Non-unit RMSNorm weights, so a reference that forgot one would disagree."""
+    with torch.no_grad():
+        for norm in (engram.key_norm, engram.query_norm, engram.short_conv.norm):
+            norm.weight.uniform_(0.5, 1.5)
+
+
+# The spec's constants (SPEC §2.5-2.6, the demo), not read from the module under test.
+SPEC_KERNEL, SPEC_GATE_CLAMP, SPEC_CONV_NORM_EPS = 4, 1e-6, 1e-5
+
+
+def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean() + eps)
+
+
 @torch.no_grad()
 def reference_forward(engram: Engram, hidden: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
-    """SPEC §2.4-2.6 written position by position: slow and obviously right."""
+    """SPEC §2.4-2.6 written position by position: slow and obviously right.
+
+    The per-branch maps are read out of the fused projection by their definition (rows of
+    W_K^(m) for branch m, then W_V); kernel 4, dilation N and the norms' eps are the spec's.
+    """
     cfg = engram.config
     B, T, M, D = hidden.shape
     w = engram.table.weight
+    W, bias = engram.kv_proj.weight, engram.kv_proj.bias
+    W_K = [W[m * D : (m + 1) * D] for m in range(M)]
+    b_K = [bias[m * D : (m + 1) * D] for m in range(M)]
+    W_V, b_V = W[M * D :], bias[M * D :]
+    gate_eps = torch.finfo(hidden.dtype).eps  # the demo's nn.RMSNorm default
     out = torch.zeros_like(hidden)
     u = torch.zeros_like(hidden)
     for b in range(B):
         for t in range(T):
             rows = [int(hash_ids[b, t, h]) + int(engram.offsets[h]) for h in range(cfg.num_heads)]
             e = torch.cat([w[r] for r in rows])  # [E]
-            v = engram.value_proj.weight @ e + engram.value_proj.bias
+            v = W_V @ e + b_V
             for m in range(M):
-                k = engram.key_projs[m].weight @ e + engram.key_projs[m].bias
-                q = hidden[b, t, m]
-                qn = q * torch.rsqrt(q.pow(2).mean() + torch.finfo(q.dtype).eps)
-                qn = qn * engram.query_norms[m].weight
-                kn = k * torch.rsqrt(k.pow(2).mean() + torch.finfo(k.dtype).eps)
-                kn = kn * engram.key_norms[m].weight
+                k = W_K[m] @ e + b_K[m]
+                qn = rms(hidden[b, t, m], gate_eps) * engram.query_norm.weight[m]
+                kn = rms(k, gate_eps) * engram.key_norm.weight[m]
                 s = float(qn @ kn) / math.sqrt(D)
                 if cfg.gate == "signed_sqrt":
-                    s = math.copysign(math.sqrt(max(abs(s), 1e-6)), s)
+                    s = math.copysign(math.sqrt(max(abs(s), SPEC_GATE_CLAMP)), s)
                 u[b, t, m] = v / (1 + math.exp(-s))
     conv = engram.short_conv
-    normed = torch.stack([conv.norms[m](u[:, :, m]) for m in range(M)], dim=2)  # [B, T, M, D]
-    filt = conv.weight.view(M, D, conv.kernel_size)
+    dilation = cfg.max_ngram  # SPEC §2.6: delta = N
+    normed = torch.zeros_like(u)
+    for b in range(B):
+        for t in range(T):
+            for m in range(M):
+                normed[b, t, m] = rms(u[b, t, m], SPEC_CONV_NORM_EPS) * conv.norm.weight[m]
+    filt = conv.weight.view(M, D, SPEC_KERNEL)
     for t in range(T):
         acc = torch.zeros(B, M, D)
-        for i in range(conv.kernel_size):
-            src = t - (conv.kernel_size - 1 - i) * conv.dilation
+        for i in range(SPEC_KERNEL):
+            src = t - (SPEC_KERNEL - 1 - i) * dilation
             if src >= 0:
                 acc += filt[:, :, i] * normed[:, src]
         out[:, t] = u[:, t] + F.silu(acc)
@@ -67,14 +93,28 @@ def reference_forward(engram: Engram, hidden: torch.Tensor, hash_ids: torch.Tens
 
 @pytest.mark.parametrize("hc_mult,gate", [(1, "signed_sqrt"), (4, "signed_sqrt"), (2, "plain")])
 def test_engram_matches_reference(tiny_engram: EngramConfig, hc_mult: int, gate: str) -> None:
-    cfg = dataclasses.replace(tiny_engram, hc_mult=hc_mult, gate=gate)
+    cfg = dataclasses.replace(tiny_engram, hc_mult=hc_mult, gate=gate, kernel_size=SPEC_KERNEL)
     engram, hasher = make(cfg)
     randomise_conv(engram)
+    randomise_norms(engram)
+    with torch.no_grad():
+        engram.kv_proj.bias.normal_(0, 0.1)
+        engram.table.weight.mul_(30)  # conv inputs of mean square ~1e-3: eps matters there
     ids = torch.randint(0, V, (2, 11))
     hidden = torch.randn(2, 11, hc_mult, 32)
     hash_ids = hasher(ids, 1)
     got, _ = engram(hidden, hash_ids)
     torch.testing.assert_close(got, reference_forward(engram, hidden, hash_ids))
+
+
+def test_conv_norm_uses_the_demos_eps(tiny_engram: EngramConfig) -> None:
+    """The short conv's RMSNorm has eps 1e-5 (the demo's), not torch's default: on inputs of
+    mean square ~1e-6 (small table init) the two differ by ~10%."""
+    engram, _ = make(tiny_engram)
+    u = torch.full((1, 1, 1, 32), 1e-3)
+    expected = u * torch.rsqrt(u.pow(2).mean() + SPEC_CONV_NORM_EPS)
+    torch.testing.assert_close(engram.short_conv.norm(u), expected)
+    assert float(engram.short_conv.norm(u).abs().max()) < 0.35  # default eps would give ~1
 
 
 def test_zero_init_conv_returns_gated_value(tiny_engram: EngramConfig) -> None:
@@ -83,11 +123,53 @@ def test_zero_init_conv_returns_gated_value(tiny_engram: EngramConfig) -> None:
     hash_ids = hasher(torch.randint(0, V, (2, 7)), 1)
     y, _ = engram(hidden, hash_ids)
     e = engram.retrieve(hash_ids)
-    v = engram.value_proj(e)
+    W, bias = engram.kv_proj.weight, engram.kv_proj.bias
+    v = e @ W[64:].T + bias[64:]  # rows of W_V after the two keys
+    k1 = e @ W[32:64].T + bias[32:64]  # W_K^(1)
     alpha = context_gate(
-        engram.query_norms[1](hidden[:, :, 1]), engram.key_norms[1](engram.key_projs[1](e))
+        F.rms_norm(hidden[:, :, 1], (32,)) * engram.query_norm.weight[1],
+        F.rms_norm(k1, (32,)) * engram.key_norm.weight[1],
     )
     torch.testing.assert_close(y[:, :, 1], alpha * v)
+
+
+def test_mask_zeroes_the_gated_value_of_masked_positions(tiny_engram: EngramConfig) -> None:
+    engram, hasher = make(dataclasses.replace(tiny_engram, hc_mult=2))
+    hidden = torch.randn(1, 9, 2, 32)
+    hash_ids = hasher(torch.randint(0, V, (1, 9)), 1)
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    mask[0, 3] = False
+    y, _ = engram(hidden, hash_ids, mask=mask)  # zero conv: Y = U
+    full, _ = engram(hidden, hash_ids)
+    assert not y[0, 3].any() and full[0, 3].abs().sum() > 0
+    torch.testing.assert_close(y[0, [0, 1, 2, 4, 5, 6, 7, 8]], full[0, [0, 1, 2, 4, 5, 6, 7, 8]])
+    randomise_conv(engram)  # taps at t, t-3, t-6, t-9: only position 6 reads position 3
+    y, _ = engram(hidden, hash_ids, mask=mask)
+    full, _ = engram(hidden, hash_ids)
+    torch.testing.assert_close(y[0, [4, 5, 7, 8]], full[0, [4, 5, 7, 8]])
+    assert not torch.allclose(y[0, 6], full[0, 6])
+
+
+def test_per_branch_checkpoints_load_into_the_fused_layout(tiny_engram: EngramConfig) -> None:
+    """A state dict of the earlier layout (key_projs.m, value_proj, key/query_norms.m,
+    short_conv.norms.m) loads, and the layer computes the same function."""
+    engram, hasher = make(dataclasses.replace(tiny_engram, hc_mult=2))
+    randomise_conv(engram)
+    randomise_norms(engram)
+    legacy = {k: v for k, v in engram.state_dict().items() if not k.startswith(("kv_", "key_n"))}
+    legacy = {k: v for k, v in legacy.items() if not k.startswith(("query_n", "short_conv.n"))}
+    W, bias = engram.kv_proj.weight.detach(), engram.kv_proj.bias.detach()
+    for m in range(2):
+        legacy[f"key_projs.{m}.weight"] = W[m * 32 : (m + 1) * 32].clone()
+        legacy[f"key_projs.{m}.bias"] = bias[m * 32 : (m + 1) * 32].clone()
+        legacy[f"key_norms.{m}.weight"] = engram.key_norm.weight[m].detach().clone()
+        legacy[f"query_norms.{m}.weight"] = engram.query_norm.weight[m].detach().clone()
+        legacy[f"short_conv.norms.{m}.weight"] = engram.short_conv.norm.weight[m].detach().clone()
+    legacy["value_proj.weight"], legacy["value_proj.bias"] = W[64:].clone(), bias[64:].clone()
+    fresh, _ = make(dataclasses.replace(tiny_engram, hc_mult=2))
+    fresh.load_state_dict(legacy)
+    hidden, hash_ids = torch.randn(1, 6, 2, 32), hasher(torch.randint(0, V, (1, 6)), 1)
+    torch.testing.assert_close(fresh(hidden, hash_ids)[0], engram(hidden, hash_ids)[0])
 
 
 @pytest.mark.parametrize("hc_mult", [1, 4])

@@ -83,10 +83,10 @@ def test_gate_none_fixes_alpha_at_one() -> None:
     hidden, ids = torch.randn(2, 9, 2, 32), torch.randint(0, V, (2, 9))
     hash_ids = hasher(ids, 1)
     y, _ = engram(hidden, hash_ids)
-    u = engram.value_proj(engram.retrieve(hash_ids)).unsqueeze(2).expand(2, 9, 2, 32)
+    u = engram.value(engram.retrieve(hash_ids)).unsqueeze(2).expand(2, 9, 2, 32)
     conv, _ = engram.short_conv(u)
     torch.testing.assert_close(y, u + conv)  # alpha = 1 on both branches
-    assert len(engram.key_projs) == 0 and len(engram.query_norms) == 0
+    assert engram.kv_proj.out_features == 32 and engram.query_norm is None  # W_V only
 
 
 def test_short_conv_off_returns_the_gated_value() -> None:
@@ -116,23 +116,24 @@ def test_compression_off_hashes_raw_ids() -> None:
         heads_per_ngram=cfg.engram.heads_per_ngram,
         max_ngram=cfg.engram.max_ngram,
     )
+    pad = cfg.engram.pad_id
     on = EngramLM(dataclasses.replace(cfg, compressed_vocab_size=49), vocab)
     expected_on = ngram_hash(
-        torch.as_tensor(lookup)[ids], pad_id=int(lookup[2]), compressed_vocab_size=49, **kwargs
+        torch.as_tensor(lookup)[ids], pad_id=int(lookup[pad]), compressed_vocab_size=49, **kwargs
     )
     torch.testing.assert_close(on.compute_hash_ids(ids)[1], expected_on)
     raw_engram = dataclasses.replace(cfg.engram, compress_tokens=False)
     raw_cfg = dataclasses.replace(cfg, compressed_vocab_size=49, engram=raw_engram)
     assert raw_cfg.compressed_vocab_size is None  # no V' without compression
     off = EngramLM(raw_cfg, vocab)
-    expected_off = ngram_hash(ids, pad_id=2, compressed_vocab_size=V, **kwargs)
+    expected_off = ngram_hash(ids, pad_id=pad, compressed_vocab_size=V, **kwargs)
     torch.testing.assert_close(off.compute_hash_ids(ids)[1], expected_off)
 
 
 def test_multi_branch_off_gates_one_fused_stream() -> None:
     model = EngramLM(mhc_model(multi_branch=False))
     block = model.layers[1]
-    assert block.engram is not None and len(block.engram.key_projs) == 1
+    assert block.engram is not None and block.engram.num_keys == 1
     assert isinstance(block.engram_residual, HyperConnections)
     ids = torch.randint(0, model.config.vocab_size, (2, 10))
     full = model(ids).logits

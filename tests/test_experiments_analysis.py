@@ -178,7 +178,7 @@ def test_recorded_gates_reproduce_engram_output() -> None:
     with torch.no_grad(), gates.record_gates(model) as recorded:
         model(ids)
         e = engram.retrieve(seen["hash_ids"])
-        u = recorded[2].unsqueeze(-1) * engram.value_proj(e).unsqueeze(2)  # [B, T, M, D]
+        u = recorded[2].unsqueeze(-1) * engram.value(e).unsqueeze(2)  # [B, T, M, D]
         expected = u + engram.short_conv(u)[0]
     handle.remove()
     assert recorded[2].shape == (2, 20, 2)

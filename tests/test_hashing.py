@@ -234,3 +234,94 @@ def test_hashing_is_deterministic_across_processes(hash_vectors: list[dict]) -> 
         [sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout) == case["expected_hash_ids"]
+
+
+# --- variants: SplitMix64 multipliers, reset token, DEAD tokens -------------------------------
+
+
+@pytest.mark.parametrize("seed,index,vocab,N", [(0, 0, 151_936, 3), (7, 2, 1000, 4), (0, 5, 5, 2)])
+def test_splitmix64_multipliers_match_qwen4_exp(seed: int, index: int, vocab: int, N: int) -> None:
+    """Against transformers' own Qwen4-Exp implementation (another code base)."""
+    qwen = pytest.importorskip("transformers.models.qwen4_exp.modeling_qwen4_exp")
+    theirs = qwen._build_layer_multipliers(vocab, N, index, seed).tolist()
+    ours = layer_multipliers(
+        seed=seed, layer_id=index, max_ngram=N, compressed_vocab_size=vocab, scheme="splitmix64"
+    )
+    assert list(ours) == theirs
+
+
+def test_hasher_keys_layers_by_index_when_asked() -> None:
+    kw = dict(seed=3, table_sizes=(101, 101), heads_per_ngram=2, max_ngram=3, pad_id=0)
+    by_index = NgramHasher(
+        layer_ids=(4, 9), compressed_vocab_size=50, hash_layer_key="layer_index", **kw
+    )
+    expected = layer_multipliers(seed=3, layer_id=1, max_ngram=3, compressed_vocab_size=50)
+    assert by_index.mult_9.tolist() == list(expected)  # layer 9 is index 1
+
+
+def blocked_reference(
+    ids: list[int], mult: tuple[int, ...], mods: tuple[int, ...], pad: int, reset: int | None
+) -> list[list[int]]:
+    """Per position, per look-back, as the variants describe it: x_{t-k} is the pad when t-k < 0,
+    when any position in [t-k, t-1] holds the reset token or DEAD (-1), and every slot is the
+    pad when x_t itself is DEAD. Plain Python integers."""
+    N, K = len(mult), len(mods) // (len(mult) - 1)
+    out = []
+    for t in range(len(ids)):
+        toks = []
+        for k in range(N):
+            window = ids[t - k : t]
+            stop = t - k < 0 or any(x == -1 or x == reset for x in window) or ids[t] == -1
+            toks.append(pad if stop else ids[t - k])
+        row = []
+        for n in range(2, N + 1):
+            mix = 0
+            for k in range(n):
+                mix ^= toks[k] * mult[k]
+            row += [mix % mods[(n - 2) * K + j] for j in range(K)]
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("reset,dead", [(5, False), (None, True), (5, True)])
+def test_reset_and_dead_tokens_match_the_per_position_rule(reset: int | None, dead: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    mult = layer_multipliers(seed=0, layer_id=1, max_ngram=4, compressed_vocab_size=12)
+    mods = head_moduli(layer_ids=(1,), table_sizes=(31, 37, 41), heads_per_ngram=2, max_ngram=4)[1]
+    ids = torch.randint(0, 12, (3, 40), generator=gen)
+    if dead:
+        ids[torch.rand(3, 40, generator=gen) < 0.15] = -1
+    got = hash_ngrams(
+        ids, torch.tensor(mult), torch.tensor(mods), pad_id=2, reset_id=reset, dead=dead
+    )
+    for b in range(3):
+        expected = blocked_reference(ids[b].tolist(), mult, mods, 2, reset)
+        assert got[b].tolist() == expected
+
+
+@pytest.mark.parametrize("reset,dead", [(5, False), (None, True)])
+def test_chunked_hashing_with_blocking_equals_one_pass(reset: int | None, dead: bool) -> None:
+    hasher = NgramHasher(
+        seed=0, layer_ids=(1,), table_sizes=(31, 37), heads_per_ngram=2, max_ngram=3, pad_id=2,
+        compressed_vocab_size=12, reset_id=reset, dead=dead,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 12, (2, 23), generator=gen)
+    if dead:
+        ids[torch.rand(2, 23, generator=gen) < 0.2] = -1
+    whole = hasher(ids, 1)
+    prefix, parts = None, []
+    for chunk in ids.split([7, 1, 1, 9, 5], dim=1):
+        parts.append(hasher(chunk, 1, prefix))
+        prefix = hasher.next_prefix(prefix, chunk)
+    assert torch.equal(torch.cat(parts, dim=1), whole)
+
+
+def test_without_reset_or_dead_blocking_changes_nothing() -> None:
+    mult = torch.tensor(layer_multipliers(seed=0, layer_id=1, max_ngram=3, compressed_vocab_size=9))
+    mods = torch.tensor(
+        head_moduli(layer_ids=(1,), table_sizes=(31, 37), heads_per_ngram=2, max_ngram=3)[1]
+    )
+    ids = torch.randint(0, 9, (2, 17))
+    plain = hash_ngrams(ids, mult, mods, pad_id=1)
+    assert torch.equal(hash_ngrams(ids, mult, mods, pad_id=1, dead=True), plain)

@@ -89,7 +89,7 @@ def _activate(model: torch.nn.Module) -> None:
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for engram in engram_modules(model).values():
-            w = engram.value_proj.weight
+            w = engram.kv_proj.weight[engram.value_rows]
             w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
             c = engram.short_conv.weight
             c.copy_(torch.randn(c.shape, generator=gen) * 0.3)

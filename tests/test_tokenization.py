@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engramlm import CompressedVocab, TokenizerMismatchError
-from engramlm.tokenization import compression_normalizer
+from engramlm.tokenization import compression_normalizer, resolve_pad_id, special_token_ids
 
 
 def train_bpe(files: list[Path], vocab_size: int) -> Tokenizer:
@@ -122,3 +122,39 @@ def test_save_load_round_trip(bpe: Tokenizer, tmp_path: Path) -> None:
 def test_not_a_tokenizer_is_refused() -> None:
     with pytest.raises(TypeError, match="tokenizers.Tokenizer"):
         CompressedVocab.from_tokenizer("gpt2")
+
+
+# --- the n-gram filler (SPEC §2.2): a special token, resolved from the tokenizer --------------
+
+
+def test_unset_filler_resolves_to_the_pad_token(bpe: Tokenizer) -> None:
+    vocab = CompressedVocab.from_tokenizer(bpe)
+    pad = resolve_pad_id(None, bpe, vocab.lookup, pad_token="<pad>", eos_token="<|endoftext|>")
+    assert pad == bpe.token_to_id("<pad>")
+
+
+def test_unset_filler_falls_back_to_eos(bpe: Tokenizer) -> None:
+    pad = resolve_pad_id(None, bpe, pad_token="<no-such-token>", eos_token="<|endoftext|>")
+    assert pad == bpe.token_to_id("<|endoftext|>")
+
+
+def test_demo_pad_id_2_is_an_ordinary_token_here_and_refused(bpe: Tokenizer) -> None:
+    """The old default: raw id 2 is a byte-level piece ("!") in our BPE, so every sequence start
+    would have hashed like a real ("!", x) n-gram."""
+    assert 2 not in special_token_ids(bpe)
+    with pytest.raises(ValueError, match="ordinary token '!'"):
+        resolve_pad_id(2, bpe, CompressedVocab.from_tokenizer(bpe).lookup)
+
+
+def test_filler_sharing_a_compressed_id_with_an_ordinary_token_is_refused(bpe: Tokenizer) -> None:
+    vocab = CompressedVocab.from_tokenizer(bpe)
+    lookup = vocab.lookup.copy()
+    pad = bpe.token_to_id("<pad>")
+    lookup[pad] = lookup[bpe.token_to_id("!")]  # as if "<pad>" normalised to "!"
+    with pytest.raises(ValueError, match="shares its compressed id"):
+        resolve_pad_id(pad, bpe, lookup)
+
+
+def test_tokenizer_without_pad_or_eos_needs_an_explicit_filler(bpe: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="neither a pad nor an EOS"):
+        resolve_pad_id(None, bpe)

@@ -273,6 +273,30 @@ def test_one_step_changes_only_addressed_rows_and_their_adam_state(
     assert torch.equal(with_state.nonzero().flatten(), addressed)
 
 
+def test_unset_engram_filler_is_bound_to_the_tokenizers_pad(corpus: Corpus, tmp_path: Path) -> None:
+    model = model_config()
+    model = dataclasses.replace(model, engram=dataclasses.replace(model.engram, pad_id=None))
+    train(
+        model,
+        train_config(corpus, tmp_path / "run", steps=1),
+        corpus=corpus.prepared,
+        progress=False,
+    )
+    saved = json.loads((tmp_path / "run/config.json").read_text())["model"]["engram"]
+    assert saved["pad_id"] == corpus.prepared.pad_id != 2
+
+
+def test_ordinary_token_as_engram_filler_is_refused_before_training(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    model = model_config()
+    bang = corpus.prepared.tokenizer.token_to_id("!")
+    model = dataclasses.replace(model, engram=dataclasses.replace(model.engram, pad_id=bang))
+    with pytest.raises(ValueError, match="engram.pad_id=.* is the ordinary token '!'"):
+        train(model, train_config(corpus, tmp_path / "run"), corpus=corpus.prepared, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 

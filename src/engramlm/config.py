@@ -11,8 +11,23 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 GateForm = Literal["signed_sqrt", "plain", "none"]
+MultiplierScheme = Literal["numpy", "splitmix64"]
+HashLayerKey = Literal["layer_id", "layer_index"]
 # EngramConfig's boolean ablation switches, all True in the full model.
 _ABLATION_SWITCHES = ("multi_branch", "compress_tokens", "short_conv")
+# Fields added after configs were first saved: left out of ``to_dict`` at their defaults, so
+# older configs (and the run digests and resume checks built on them) read and compare unchanged.
+_NEWER_FIELDS: dict[str, Any] = {
+    **{name: True for name in _ABLATION_SWITCHES},
+    "bias": True,
+    "norm_eps": None,
+    "conv_norm_eps": 1e-5,
+    "gate_fp32": False,
+    "multiplier_scheme": "numpy",
+    "hash_layer_key": "layer_id",
+    "reset_token": None,
+    "table_rows_multiple": 1,
+}
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
@@ -21,6 +36,13 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None
     if value < lo or (hi is not None and value > hi):
         allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_float(name: str, value: object, lo: float, *, inclusive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if value < lo or (not inclusive and value == lo):
+        raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {lo}, got {value}")
 
 
 def check_fields(cls: type, d: dict[str, Any]) -> None:
@@ -36,19 +58,39 @@ class EngramConfig:
     """Hyper-parameters of the Engram memory (SPEC §2, §3).
 
     Defaults are the official demo's (``engram_demo_v1.py``): tables of 129280*5 rows per head
-    and order, N=3, K=8 heads, 512 dims per order, layers (1, 15) 0-based, pad id 2, seed 0,
-    kernel 4, 4 residual branches. Where the paper and the demo differ we follow the demo and
-    say so: the gate's signed square root (``gate="signed_sqrt"``; ``"plain"`` is the paper's
-    formula) and bias terms on the key/value projections (the demo's ``nn.Linear`` default).
-    Layer ids are 0-based: the paper's "layer 2" is ``layer_ids=(1,)``.
+    and order, N=3, K=8 heads, 512 dims per order, layers (1, 15) 0-based, seed 0, kernel 4,
+    4 residual branches. Where the paper and the demo differ we follow the demo and say so: the
+    gate's signed square root (``gate="signed_sqrt"``; ``"plain"`` is the paper's formula), bias
+    terms on the key/value projections (the demo's ``nn.Linear`` default), torch's default eps
+    in the gate's RMSNorms and 1e-5 in the short conv's. Layer ids are 0-based: the paper's
+    "layer 2" is ``layer_ids=(1,)``.
+
+    ``pad_id`` is the raw id that fills the n-gram history before a sequence start. It must be
+    a special token that no ordinary token shares after compression; ``None`` (the default)
+    takes the tokenizer's pad token, else its EOS, when the config is bound to a tokenizer
+    (``engramlm.tokenization.resolve_pad_id``; train, eval, retrofit and the loaders do it).
+    The demo's 2 is DeepSeek-V3's pad id: in another tokenizer id 2 is an ordinary token
+    (``"!"`` in ours), which would alias every sequence start with real n-grams.
 
     Ablation switches (paper §6.2; ``engramlm experiment ablations``), each removing one
     component, the defaults keeping the full model: ``gate="none"`` fixes alpha = 1 (no key
     projections or norms); ``multi_branch=False`` gates once, on the streams fused by an mHC
     pre-mapping, instead of once per branch (needs ``hc_mult > 1``); ``compress_tokens=False``
     hashes raw token ids instead of the compressed ones (SPEC §2.1); ``short_conv=False``
-    drops the short convolution, so Y = alpha * v. Switches left at their defaults are left out
-    of :meth:`to_dict`, so configs saved before they existed read and compare unchanged.
+    drops the short convolution, so Y = alpha * v.
+
+    Variant fields, each defaulting to the demo (see :meth:`preset` for the released models'
+    values and docs/design.md for the sources): ``bias`` on the fused key/value projection;
+    ``norm_eps`` of the gate's RMSNorms (``None`` = torch's default) and ``conv_norm_eps`` of
+    the conv's; ``gate_fp32`` computes the gate in fp32 whatever the model dtype (DeepSeek-V4.1);
+    ``multiplier_scheme`` draws a layer's odd multipliers with numpy's ``default_rng`` (demo,
+    DeepSeek-V4.1) or SplitMix64 (Qwen4-Exp), seeded ``seed + 10007 * key`` where the key is
+    the layer's id or, with ``hash_layer_key="layer_index"``, its index in ``layer_ids``
+    (Qwen4-Exp); ``reset_token`` (a raw id, e.g. EOS) restarts the n-gram history after every
+    occurrence (Qwen4-Exp, whose filler is then that token); ``table_rows_multiple`` pads each
+    layer's physical table to a multiple of that many rows (never addressed; Qwen4-Exp: 128).
+    Fields left at their defaults are left out of :meth:`to_dict`, so configs saved before they
+    existed read and compare unchanged.
     """
 
     table_sizes: tuple[int, ...] = (129280 * 5, 129280 * 5)  # per order 2..N, before primes
@@ -56,7 +98,7 @@ class EngramConfig:
     heads_per_ngram: int = 8  # K
     embed_dim_per_ngram: int = 512  # width of one order's concatenated heads
     layer_ids: tuple[int, ...] = (1, 15)  # 0-based
-    pad_id: int = 2  # raw id used before the sequence start (compressed before hashing)
+    pad_id: int | None = None  # raw filler id; None: the tokenizer's pad, else EOS
     seed: int = 0
     kernel_size: int = 4  # short conv kernel w; dilation is max_ngram
     hc_mult: int = 4  # M residual branches (1 = plain residual)
@@ -64,6 +106,14 @@ class EngramConfig:
     multi_branch: bool = True  # one gate per residual branch (SPEC §2.8)
     compress_tokens: bool = True  # hash compressed ids (SPEC §2.1); False: raw ids
     short_conv: bool = True  # Y = SiLU(Conv1D(RMSNorm(U))) + U; False: Y = U
+    bias: bool = True  # biases on the key/value projection (demo's nn.Linear)
+    norm_eps: float | None = None  # gate RMSNorms' eps; None: torch's default (demo)
+    conv_norm_eps: float = 1e-5  # short conv RMSNorm's eps (demo)
+    gate_fp32: bool = False  # gate computed in fp32 (DeepSeek-V4.1)
+    multiplier_scheme: MultiplierScheme = "numpy"  # numpy default_rng (demo) or splitmix64
+    hash_layer_key: HashLayerKey = "layer_id"  # seeds multipliers: layer id or its index
+    reset_token: int | None = None  # raw id after which the n-gram history restarts
+    table_rows_multiple: int = 1  # physical rows of a layer's table padded to a multiple
 
     def __post_init__(self) -> None:
         # Lists from JSON/TOML become tuples so the config stays hashable and immutable.
@@ -91,7 +141,8 @@ class EngramConfig:
             _check_int(f"layer_ids[{i}]", layer, 0)
         if len(set(self.layer_ids)) != len(self.layer_ids):
             raise ValueError(f"layer_ids must be distinct, got {self.layer_ids}")
-        _check_int("pad_id", self.pad_id, 0)
+        if self.pad_id is not None:
+            _check_int("pad_id", self.pad_id, 0)
         _check_int("seed", self.seed, 0)
         _check_int("kernel_size", self.kernel_size, 1)
         _check_int("hc_mult", self.hc_mult, 1)
@@ -99,7 +150,7 @@ class EngramConfig:
             raise ValueError(
                 f"gate must be 'signed_sqrt', 'plain' or 'none' (alpha = 1), got {self.gate!r}"
             )
-        for name in _ABLATION_SWITCHES:
+        for name in (*_ABLATION_SWITCHES, "bias", "gate_fp32"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not self.multi_branch and self.hc_mult == 1:
@@ -107,6 +158,22 @@ class EngramConfig:
                 "multi_branch=False needs hc_mult > 1: with one residual stream there is a single "
                 "branch, nothing to fuse"
             )
+        if self.norm_eps is not None:
+            _check_float("norm_eps", self.norm_eps, 0.0)
+        _check_float("conv_norm_eps", self.conv_norm_eps, 0.0)
+        if self.multiplier_scheme not in ("numpy", "splitmix64"):
+            raise ValueError(
+                "multiplier_scheme must be 'numpy' (demo, DeepSeek-V4.1) or 'splitmix64' "
+                f"(Qwen4-Exp), got {self.multiplier_scheme!r}"
+            )
+        if self.hash_layer_key not in ("layer_id", "layer_index"):
+            raise ValueError(
+                "hash_layer_key must be 'layer_id' (demo, DeepSeek-V4.1) or 'layer_index' "
+                f"(Qwen4-Exp: the layer's index in layer_ids), got {self.hash_layer_key!r}"
+            )
+        if self.reset_token is not None:
+            _check_int("reset_token", self.reset_token, 0)
+        _check_int("table_rows_multiple", self.table_rows_multiple, 1)
 
     # --- derived -----------------------------------------------------------------------------
     @property
@@ -153,6 +220,9 @@ class EngramConfig:
                 embed_dim_per_ngram=64,
                 layer_ids=(1,),
                 hc_mult=1,
+                # For models on synthetic ids, which have no special token to resolve the
+                # filler from: raw id 0 (EOS in every tokenizer trained here).
+                pad_id=0,
             ),
         }
         if name not in presets:
@@ -163,8 +233,8 @@ class EngramConfig:
         d = dataclasses.asdict(self)
         d["table_sizes"] = list(self.table_sizes)
         d["layer_ids"] = list(self.layer_ids)
-        for name in _ABLATION_SWITCHES:  # only when switched off: older configs stay equal
-            if d[name]:
+        for name, default in _NEWER_FIELDS.items():  # older configs stay equal
+            if d[name] == default:
                 del d[name]
         return d
 
@@ -172,13 +242,6 @@ class EngramConfig:
     def from_dict(cls, d: dict[str, Any]) -> EngramConfig:
         check_fields(cls, d)
         return cls(**d)
-
-
-def _check_float(name: str, value: object, lo: float, *, inclusive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if value < lo or (not inclusive and value == lo):
-        raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {lo}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -287,7 +350,7 @@ class ModelConfig:
                 f"overencoding.layer_ids must be (0,): Over-Encoding acts on the input "
                 f"embedding, got {oe.layer_ids}"
             )
-        if oe.pad_id >= self.vocab_size:
+        if oe.pad_id is not None and oe.pad_id >= self.vocab_size:
             raise ValueError(
                 f"overencoding.pad_id={oe.pad_id} must be a raw token id in [0, {self.vocab_size})"
             )
@@ -306,10 +369,12 @@ class ModelConfig:
                 f"engram.hc_mult={engram.hc_mult} must equal hc_mult={self.hc_mult}: Engram "
                 "gates each residual stream of the backbone (SPEC §2.8)"
             )
-        if engram.pad_id >= self.vocab_size:
-            raise ValueError(
-                f"engram.pad_id={engram.pad_id} must be a raw token id in [0, {self.vocab_size})"
-            )
+        for name in ("pad_id", "reset_token"):
+            value = getattr(engram, name)
+            if value is not None and value >= self.vocab_size:
+                raise ValueError(
+                    f"engram.{name}={value} must be a raw token id in [0, {self.vocab_size})"
+                )
 
     # --- derived -----------------------------------------------------------------------------
     @property

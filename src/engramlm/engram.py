@@ -33,20 +33,48 @@ from engramlm.config import EngramConfig
 from engramlm.tables import DeviceTable, Table
 
 
+class GroupRMSNorm(nn.Module):
+    """RMSNorm of each of M groups of D channels, each group with its own weight: [..., M, D].
+
+    One call for all residual branches (the per-branch norms of SPEC §2.8), the way Qwen4-Exp's
+    group-wise norms and DeepSeek-V4.1's per-stream normalisation do it. ``eps=None`` is
+    torch's default (``finfo(dtype).eps``), as ``nn.RMSNorm`` in the demo.
+    """
+
+    def __init__(self, groups: int, dim: int, eps: float | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(groups, dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., M, D] -> [..., M, D]
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.weight.shape[0]}, dim={self.weight.shape[1]}, eps={self.eps}"
+
+
 class ShortConv(nn.Module):
     """Y = SiLU(Conv1D(RMSNorm(U))) over all M*D channels, depthwise and causal (SPEC §2.6).
 
     Kernel ``w``, dilation ``delta`` (= N), no bias, zero-initialised (paper's "Engram Conv Zero
     Init"), so at initialisation the Engram output is exactly the gated value. The caller adds
-    the residual ``U``. For decoding, ``state`` carries the last ``(w-1)*delta`` normalised
-    inputs, so a step costs O(1) in context length and equals the full-sequence result.
+    the residual ``U``. The per-branch RMSNorm has the demo's eps, 1e-5 (``norm_eps``): with
+    the small table init the conv input's mean square is ~1e-6, where torch's default eps
+    (1.2e-7 in fp32) would give a different scale. For decoding, ``state`` carries the last
+    ``(w-1)*delta`` normalised inputs, so a step costs O(1) in context length and equals the
+    full-sequence result.
     """
 
-    def __init__(self, dim: int, hc_mult: int, kernel_size: int, dilation: int) -> None:
+    def __init__(
+        self, dim: int, hc_mult: int, kernel_size: int, dilation: int, norm_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.dim, self.hc_mult = dim, hc_mult
         self.kernel_size, self.dilation = kernel_size, dilation
-        self.norms = nn.ModuleList(nn.RMSNorm(dim) for _ in range(hc_mult))
+        self.norm = GroupRMSNorm(hc_mult, dim, norm_eps)
         channels = hc_mult * dim
         self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size))  # depthwise filters
 
@@ -58,8 +86,7 @@ class ShortConv(nn.Module):
     def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """[B, T, M, D] (+ state [B, M*D, P]) -> ([B, T, M, D], new state [B, M*D, P])."""
         B, T, M, D = u.shape
-        normed = torch.cat([norm(u[:, :, m]) for m, norm in enumerate(self.norms)], dim=-1)
-        x = normed.transpose(1, 2)  # [B, M*D, T]
+        x = self.norm(u).flatten(-2).transpose(1, 2)  # [B, M*D, T]
         P = self.receptive_field
         if state is None:
             state = x.new_zeros(B, M * D, P)  # causal left padding
@@ -73,6 +100,18 @@ class ShortConv(nn.Module):
             y = y + w[:, :, i] * x[:, :, i * self.dilation : i * self.dilation + T]
         y = F.silu(y).transpose(1, 2).reshape(B, T, M, D)
         return y, x[:, :, x.shape[-1] - P :]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _stack_legacy(state_dict, prefix, "norms.{}.weight", "norm.weight", self.hc_mult)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _stack_legacy(state: dict, prefix: str, old: str, new: str, count: int) -> None:
+    """Checkpoints written before the per-branch modules were fused kept one tensor per branch
+    (``old`` with the branch index); stack them into the fused ``new`` parameter in place."""
+    keys = [prefix + old.format(m) for m in range(count)]
+    if keys and all(k in state for k in keys):
+        state[prefix + new] = torch.stack([state.pop(k) for k in keys])
 
 
 def context_gate(query: Tensor, key: Tensor, signed_sqrt: bool = True) -> Tensor:
@@ -94,15 +133,23 @@ def head_offsets(moduli: Sequence[int]) -> Tensor:
     return torch.tensor([0, *moduli[:-1]], dtype=torch.int64).cumsum(0)
 
 
-def head_table(moduli: Sequence[int], head_dim: int, table: Table | None, owner: str) -> Table:
+def table_rows(moduli: Sequence[int], multiple: int = 1) -> int:
+    """Rows of the physical table of heads with ``moduli`` rows each: their sum, padded up to
+    a multiple of ``multiple`` (rows past the sum are never addressed)."""
+    return -(-int(sum(moduli)) // multiple) * multiple
+
+
+def head_table(
+    moduli: Sequence[int], head_dim: int, table: Table | None, owner: str, multiple: int = 1
+) -> Table:
     """The physical table of heads with ``moduli`` rows each: ``table`` checked, or a new
-    in-memory :class:`DeviceTable` of [sum(moduli), head_dim]."""
-    num_rows = int(sum(moduli))
+    in-memory :class:`DeviceTable` of [table_rows(moduli, multiple), head_dim]."""
+    num_rows = table_rows(moduli, multiple)
     table = table if table is not None else DeviceTable(num_rows, head_dim)
     if (table.num_rows, table.dim) != (num_rows, head_dim):
         raise ValueError(
             f"table is [{table.num_rows}, {table.dim}] but {owner} need [{num_rows}, {head_dim}] "
-            "(sum of head primes, embed_dim_per_ngram/K)"
+            f"(sum of head primes padded to a multiple of {multiple}, embed_dim_per_ngram/K)"
         )
     return table
 
@@ -114,6 +161,11 @@ class Engram(nn.Module):
     (head h starts at row ``offsets[h]``); by default an in-memory :class:`DeviceTable`.
     ``forward`` takes the hidden state and this layer's precomputed head-local hash ids and
     returns ``Y``, which the caller adds to the residual stream(s).
+
+    The M keys W_K^(m) and the shared value W_V are one projection ``kv_proj`` of
+    (M+1)*D outputs, keys first (DeepSeek-V4.1's ``wkv`` layout; one GEMM instead of M+1), and
+    the per-branch key and query RMSNorms are one :class:`GroupRMSNorm` each. Mathematically
+    these are the paper's per-branch maps; checkpoints of the per-branch layout still load.
     """
 
     def __init__(
@@ -132,18 +184,32 @@ class Engram(nn.Module):
         self.config = config
         self.hidden_size = hidden_size
         M, D, E = config.num_branches, hidden_size, config.memory_dim
-        self.table = head_table(moduli, config.head_dim, table, "this layer's heads")
+        self.table = head_table(
+            moduli, config.head_dim, table, "this layer's heads", config.table_rows_multiple
+        )
         self.register_buffer("offsets", head_offsets(moduli), persistent=False)
-        # Bias terms as in the demo's nn.Linear; the paper writes W_K e_t without one.
-        self.value_proj = nn.Linear(E, D)  # W_V, shared by all branches
-        gated = M if config.gate != "none" else 0  # "w/o gating": no keys, alpha = 1
-        self.key_projs = nn.ModuleList(nn.Linear(E, D) for _ in range(gated))  # W_K^(m)
-        self.key_norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(gated))
-        self.query_norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(gated))
+        self.num_keys = M if config.gate != "none" else 0  # "w/o gating": no keys, alpha = 1
+        # Biases as in the demo's nn.Linear (config.bias); the paper writes W_K e_t without one.
+        self.kv_proj = nn.Linear(E, (self.num_keys + 1) * D, bias=config.bias)  # [W_K^(m); W_V]
+        self.key_norm = GroupRMSNorm(M, D, config.norm_eps) if self.num_keys else None
+        self.query_norm = GroupRMSNorm(M, D, config.norm_eps) if self.num_keys else None
         self.short_conv = (
-            ShortConv(D, M, config.kernel_size, dilation=config.max_ngram)
+            ShortConv(D, M, config.kernel_size, config.max_ngram, config.conv_norm_eps)
             if config.short_conv
             else None
+        )
+
+    @property
+    def value_rows(self) -> slice:
+        """The rows of ``kv_proj`` that are W_V (after the M keys' rows)."""
+        start = self.num_keys * self.hidden_size
+        return slice(start, start + self.hidden_size)
+
+    def value(self, e: Tensor) -> Tensor:
+        """v_t = W_V e_t (+ bias): [B, T, E] -> [B, T, D]."""
+        bias = self.kv_proj.bias
+        return F.linear(
+            e, self.kv_proj.weight[self.value_rows], None if bias is None else bias[self.value_rows]
         )
 
     def global_rows(self, hash_ids: Tensor) -> Tensor:
@@ -170,30 +236,39 @@ class Engram(nn.Module):
         Exactly the values :meth:`forward` multiplies with (ones for ``gate="none"``); for
         analyses such as ``engramlm experiment gates``.
         """
-        if self.config.gate == "none":
+        if self.num_keys == 0:
             return hidden.new_ones(hidden.shape[:3])
-        e = self.retrieve(hash_ids).to(hidden.dtype)
-        return self._gates(hidden, e).squeeze(-1)
+        kv = self.kv_proj(self.retrieve(hash_ids).to(hidden.dtype))
+        return self._gates(hidden, kv).squeeze(-1)
 
-    def _gates(self, hidden: Tensor, e: Tensor) -> Tensor:
-        """([B, T, M, D], e [B, T, E]) -> [B, T, M, 1], per-branch keys and norms (SPEC §2.4)."""
-        gates = [
-            context_gate(
-                self.query_norms[m](hidden[:, :, m]),
-                self.key_norms[m](self.key_projs[m](e)),
-                signed_sqrt=self.config.gate == "signed_sqrt",
-            )
-            for m in range(hidden.shape[2])
-        ]  # M x [B, T, 1]
-        return torch.stack(gates, dim=2)
+    def _gates(self, hidden: Tensor, kv: Tensor) -> Tensor:
+        """([B, T, M, D], kv [B, T, (M+1)D]) -> [B, T, M, 1], per-branch gates (SPEC §2.5, §2.8).
+
+        With ``gate_fp32`` the norms, dot product and sigmoid run in fp32 (DeepSeek-V4.1)."""
+        assert self.key_norm is not None and self.query_norm is not None
+        keys = kv[..., : self.value_rows.start].unflatten(-1, (self.num_keys, self.hidden_size))
+        if self.config.gate_fp32:
+            hidden, keys = hidden.float(), keys.float()
+        alpha = context_gate(
+            self.query_norm(hidden),
+            self.key_norm(keys),
+            signed_sqrt=self.config.gate == "signed_sqrt",
+        )  # [B, T, M, 1]
+        return alpha.to(kv.dtype)
 
     def forward(
-        self, hidden: Tensor, hash_ids: Tensor, conv_state: Tensor | None = None
+        self,
+        hidden: Tensor,
+        hash_ids: Tensor,
+        conv_state: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """([B, T, M, D], [B, T, H]) -> (Y [B, T, M, D], conv state for decoding).
 
         M is ``config.num_branches``: ``hc_mult``, or 1 without multi-branch. Without the short
-        conv the state is empty, [B, M*D, 0].
+        conv the state is empty, [B, M*D, 0]. ``mask`` ([B, T] bool, optional) zeroes the
+        gated value of positions that are not tokens (padding, DeepSeek-V4.1's DEAD), so they
+        add nothing to the residual and feed zeros to the conv.
         """
         B, T, M, D = hidden.shape
         if M != self.config.num_branches or D != self.hidden_size:
@@ -203,12 +278,26 @@ class Engram(nn.Module):
                 f"got {list(hidden.shape)}"
             )
         e = self.retrieve(hash_ids).to(hidden.dtype)  # [B, T, E]
-        v = self.value_proj(e)  # [B, T, D]
-        if self.config.gate == "none":
-            u = v.unsqueeze(2).expand(B, T, M, D)  # alpha = 1 on every branch
-        else:
-            u = self._gates(hidden, e) * v.unsqueeze(2)  # [B, T, M, D]
+        kv = self.kv_proj(e)  # [B, T, (M+1)D]: M keys, then the shared value
+        v = kv[..., self.value_rows].unsqueeze(2)  # [B, T, 1, D]
+        u = v.expand(B, T, M, D) if self.num_keys == 0 else self._gates(hidden, kv) * v
+        if mask is not None:
+            u = u * mask[:, :, None, None].to(u.dtype)  # [B, T, M, D]
         if self.short_conv is None:
             return u, u.new_zeros(B, M * D, 0)
         y, conv_state = self.short_conv(u, conv_state)
         return u + y, conv_state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Per-branch layout of earlier checkpoints: key_projs.m / value_proj, key_norms.m,
+        # query_norms.m. Stacked into kv_proj (keys first, then value) and the group norms.
+        M = self.num_keys
+        for part in ("weight", "bias"):
+            value = f"{prefix}value_proj.{part}"
+            keys = [f"{prefix}key_projs.{m}.{part}" for m in range(M)]
+            if value in state_dict and all(k in state_dict for k in keys):
+                parts = [state_dict.pop(k) for k in keys] + [state_dict.pop(value)]
+                state_dict[f"{prefix}kv_proj.{part}"] = torch.cat(parts)
+        _stack_legacy(state_dict, prefix, "key_norms.{}.weight", "key_norm.weight", M)
+        _stack_legacy(state_dict, prefix, "query_norms.{}.weight", "query_norm.weight", M)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -11,6 +11,13 @@ For order n at position t, with multipliers m_k (odd, per layer) and compressed 
 
 Products stay below 2^63 by construction (m_k * x' < floor((2^63-1)/V') * V'), so int64
 arithmetic in numpy and torch agree exactly.
+
+Variants (``EngramConfig`` fields): multipliers drawn by numpy (demo, DeepSeek-V4.1) or by
+SplitMix64 (Qwen4-Exp), seeded by the layer's id or its index among the Engram layers; a
+history that restarts after a reset token (Qwen4-Exp's EOS); DEAD (-1) tokens, which are never
+hashed and block every older look-back (DeepSeek-V4.1's masked positions). With both, the
+look-back x'_{t-k} becomes the pad once any position in [t-k, t-1] holds a reset token or DEAD,
+and a DEAD current token hashes as all pads.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from torch import Tensor, nn
 from engramlm.config import EngramConfig
 
 INT64_MAX = 2**63 - 1
+DEAD = -1  # "no token here" (masked/padding): never hashed, blocks older look-backs
+_UINT64 = 2**64 - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio, odd)
 
 # Deterministic Miller-Rabin witnesses: exact for every n < 3.3e24 (all int64 values).
 _MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
@@ -87,20 +97,45 @@ def head_moduli(
     return moduli
 
 
+def splitmix64(state: int) -> int:
+    """One SplitMix64 output for ``state`` (Steele, Lea & Flood 2014), on unsigned 64 bits."""
+    z = (state + _GOLDEN_GAMMA) & _UINT64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _UINT64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _UINT64
+    return z ^ (z >> 31)
+
+
 def layer_multipliers(
-    *, seed: int, layer_id: int, max_ngram: int, compressed_vocab_size: int
+    *,
+    seed: int,
+    layer_id: int,
+    max_ngram: int,
+    compressed_vocab_size: int,
+    scheme: str = "numpy",
 ) -> tuple[int, ...]:
     """The N odd multipliers m_0..m_{N-1} of one layer (SPEC §2.3).
 
-    ``numpy.random.default_rng(seed + 10007 * layer_id).integers(0, half, N)`` with
-    ``half = max(1, floor((2^63-1) / V') // 2)``, then ``m = 2r + 1``.
+    ``half = max(1, floor((2^63-1) / V') // 2)`` and ``m = 2r + 1`` with r in [0, half):
+    ``scheme="numpy"`` (demo, DeepSeek-V4.1) draws
+    ``numpy.random.default_rng(seed + 10007 * layer_id).integers(0, half, N)``;
+    ``scheme="splitmix64"`` (Qwen4-Exp) takes ``r_k = splitmix64(s + gamma * (k + 1)) mod half``
+    with ``s = seed + 10007 * layer_id`` (the caller passes the layer's index as ``layer_id``
+    when the variant keys layers by index).
     """
     if compressed_vocab_size < 1:
         raise ValueError(f"compressed_vocab_size must be >= 1, got {compressed_vocab_size}")
     half = max(1, (INT64_MAX // compressed_vocab_size) // 2)
-    rng = np.random.default_rng(seed + 10007 * layer_id)
-    r = rng.integers(0, half, size=max_ngram, dtype=np.int64)
-    multipliers = tuple(int(2 * x + 1) for x in r)
+    base = seed + 10007 * layer_id
+    if scheme == "numpy":
+        rng = np.random.default_rng(base)
+        r = [int(x) for x in rng.integers(0, half, size=max_ngram, dtype=np.int64)]
+    elif scheme == "splitmix64":
+        r = [
+            splitmix64((base + _GOLDEN_GAMMA * (k + 1)) & _UINT64) % half for k in range(max_ngram)
+        ]
+    else:
+        raise ValueError(f"multiplier scheme must be 'numpy' or 'splitmix64', got {scheme!r}")
+    multipliers = tuple(2 * x + 1 for x in r)
     # Our invariant, true by construction: no product m * x' can overflow int64.
     assert all(m * (compressed_vocab_size - 1) <= INT64_MAX for m in multipliers)
     return multipliers
@@ -130,6 +165,8 @@ def hash_ngrams(
     *,
     pad_id: int,
     prefix: Tensor | None = None,
+    reset_id: int | None = None,
+    dead: bool = False,
 ) -> Tensor:
     """The hashing kernel: [B, T] compressed ids -> [B, T, H] head-local rows (int64).
 
@@ -138,6 +175,11 @@ def hash_ngrams(
     (pad-filled for a sequence shorter than that): hashing a continuation with the previous
     tokens as prefix gives exactly the rows of hashing the whole sequence. Without a prefix
     the sequence starts fresh and is left-padded with ``pad_id`` (SPEC §2.2).
+
+    ``reset_id`` (a compressed id) restarts the history after each occurrence; ``dead=True``
+    lets ids (and the prefix) hold :data:`DEAD`. Either way the look-back ``x'_{t-k}`` is
+    replaced by the pad once a reset token or DEAD lies in positions [t-k, t-1], and a DEAD
+    current token hashes as all pads (DeepSeek-V4.1's cumulative blocking).
     """
     B, T = compressed_ids.shape
     N = multipliers.numel()
@@ -147,10 +189,22 @@ def hash_ngrams(
     elif prefix.shape != (B, N - 1):
         raise ValueError(f"prefix must be [B, N-1] = [{B}, {N - 1}], got {list(prefix.shape)}")
     full = torch.cat([prefix, compressed_ids], dim=1)  # [B, N-1+T]
-    mix = compressed_ids * multipliers[0]  # [B, T]
+    blocking = dead or reset_id is not None
+    if blocking:
+        stops = full == DEAD if dead else torch.zeros_like(full, dtype=torch.bool)
+        if reset_id is not None:
+            stops = stops | (full == reset_id)  # [B, N-1+T]: blocks older look-backs
+        blocked = compressed_ids == DEAD  # [B, T]: a DEAD current token blocks everything
+        current = compressed_ids.masked_fill(blocked, pad_id)
+    else:
+        current = compressed_ids
+    mix = current * multipliers[0]  # [B, T]
     mixes = []
     for k in range(1, N):
         x_k = full[:, N - 1 - k : N - 1 - k + T]  # x'_{t-k}, [B, T]
+        if blocking:
+            blocked = blocked | stops[:, N - 1 - k : N - 1 - k + T]
+            x_k = x_k.masked_fill(blocked, pad_id)
         mix = torch.bitwise_xor(mix, x_k * multipliers[k])
         mixes.append(mix)
     per_order = torch.stack(mixes, dim=-1).unsqueeze(-1)  # [B, T, N-1, 1]
@@ -205,6 +259,8 @@ class NgramHasher(nn.Module):
 
     ``hasher(ids, layer_id)`` gives [B, T, H] head-local rows; ``hasher.all_layers(ids)`` gives
     every layer's at once (what the data loader precomputes and the prefetcher consumes).
+    ``multiplier_scheme``, ``hash_layer_key`` and ``reset_id`` select the variant (see
+    :class:`~engramlm.config.EngramConfig`); ``dead=True`` accepts :data:`DEAD` ids.
     """
 
     def __init__(
@@ -217,12 +273,26 @@ class NgramHasher(nn.Module):
         max_ngram: int,
         pad_id: int,
         compressed_vocab_size: int,
+        multiplier_scheme: str = "numpy",
+        hash_layer_key: str = "layer_id",
+        reset_id: int | None = None,
+        dead: bool = False,
     ) -> None:
         super().__init__()
-        if not 0 <= pad_id < compressed_vocab_size:
-            raise ValueError(f"compressed pad_id {pad_id} must lie in [0, {compressed_vocab_size})")
+        if pad_id is None:
+            raise ValueError(
+                "pad_id is unset: resolve it from the tokenizer first "
+                "(engramlm.tokenization.resolve_pad_id: its pad, else EOS)"
+            )
+        for name, value in (("pad_id", pad_id), ("reset_id", reset_id)):
+            if value is not None and not 0 <= value < compressed_vocab_size:
+                raise ValueError(
+                    f"compressed {name} {value} must lie in [0, {compressed_vocab_size})"
+                )
         self.layer_ids = tuple(layer_ids)
         self.pad_id = pad_id
+        self.reset_id = reset_id
+        self.dead = dead
         self.max_ngram = max_ngram
         self.compressed_vocab_size = compressed_vocab_size
         moduli = head_moduli(
@@ -232,21 +302,29 @@ class NgramHasher(nn.Module):
             max_ngram=max_ngram,
         )
         self.moduli = {layer: moduli[layer] for layer in self.layer_ids}
-        for layer in self.layer_ids:
+        for index, layer in enumerate(self.layer_ids):
             mult = layer_multipliers(
                 seed=seed,
-                layer_id=layer,
+                layer_id=layer if hash_layer_key == "layer_id" else index,
                 max_ngram=max_ngram,
                 compressed_vocab_size=compressed_vocab_size,
+                scheme=multiplier_scheme,
             )
             self.register_buffer(f"mult_{layer}", torch.tensor(mult), persistent=False)
             self.register_buffer(f"mod_{layer}", torch.tensor(moduli[layer]), persistent=False)
 
     @classmethod
     def from_config(
-        cls, config: EngramConfig, *, pad_id: int, compressed_vocab_size: int
+        cls,
+        config: EngramConfig,
+        *,
+        pad_id: int,
+        compressed_vocab_size: int,
+        reset_id: int | None = None,
+        dead: bool = False,
     ) -> NgramHasher:
-        """The hasher of an :class:`EngramConfig`; ``pad_id`` is the *compressed* pad id."""
+        """The hasher of an :class:`EngramConfig`; ``pad_id`` and ``reset_id`` are *compressed*
+        ids (of ``config.pad_id`` and ``config.reset_token``)."""
         return cls(
             seed=config.seed,
             layer_ids=config.layer_ids,
@@ -255,6 +333,10 @@ class NgramHasher(nn.Module):
             max_ngram=config.max_ngram,
             pad_id=pad_id,
             compressed_vocab_size=compressed_vocab_size,
+            multiplier_scheme=config.multiplier_scheme,
+            hash_layer_key=config.hash_layer_key,
+            reset_id=reset_id,
+            dead=dead,
         )
 
     def forward(
@@ -267,6 +349,8 @@ class NgramHasher(nn.Module):
             getattr(self, f"mod_{layer_id}"),
             pad_id=self.pad_id,
             prefix=prefix,
+            reset_id=self.reset_id,
+            dead=self.dead,
         )
 
     def all_layers(self, compressed_ids: Tensor, prefix: Tensor | None = None) -> dict[int, Tensor]:

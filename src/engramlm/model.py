@@ -481,11 +481,19 @@ class EngramLM(nn.Module):
         e = self.config.engram
         if e is None:
             return None
+        if e.pad_id is None:
+            raise ValueError(
+                "engram.pad_id is unset: bind the config to its tokenizer first (training does; "
+                "engramlm.tokenization.resolve_pad_id gives the tokenizer's pad, else EOS) or set "
+                "pad_id to the raw id of a special token"
+            )
+        reset = None if e.reset_token is None else int(self._lookup_source[e.reset_token])
         with torch.device("cpu"):  # constants, also when the model is built on "meta"
             return NgramHasher.from_config(
                 e,
                 pad_id=int(self._lookup_source[e.pad_id]),
                 compressed_vocab_size=self.config.hashing_vocab_size,
+                reset_id=reset,
             )
 
     # --- initialisation and parameter groups -------------------------------------------------
@@ -532,10 +540,10 @@ class EngramLM(nn.Module):
                     nn.init.normal_(mlp.down_proj.weight, std=out_std)
             if block.engram is not None:
                 engram = block.engram
-                for proj in (*engram.key_projs, engram.value_proj):
-                    nn.init.normal_(proj.weight, std=std)
-                    nn.init.zeros_(proj.bias)
-                nn.init.normal_(engram.value_proj.weight, std=out_std)
+                nn.init.normal_(engram.kv_proj.weight, std=std)  # keys
+                nn.init.normal_(engram.kv_proj.weight[engram.value_rows], std=out_std)
+                if engram.kv_proj.bias is not None:
+                    nn.init.zeros_(engram.kv_proj.bias)
                 if engram.short_conv is not None:
                     nn.init.zeros_(engram.short_conv.weight)  # "Engram Conv Zero Init"
         cos, sin = rope_tables(

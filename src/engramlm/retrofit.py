@@ -13,7 +13,7 @@ call; the wrapped layers read the result. For KV-cached decoding the hook keeps 
 prefix (last N-1 compressed ids) and each layer keeps its short-conv state, so token-by-token
 decoding equals the full forward; a call whose KV cache is empty starts a fresh sequence.
 
-    model = retrofit(model, tokenizer, EngramConfig.preset("tiny", pad_id=0))
+    model = retrofit(model, tokenizer, EngramConfig.preset("tiny"))  # pad: the tokenizer's
     report = train_retrofit(model, tokenizer, TrainConfig(data="pydocs", steps=200, lr=1e-3))
     save_retrofit(model, "out/")  ...  load_retrofit(base_model, tokenizer, "out/")
 
@@ -22,6 +22,7 @@ transformers and safetensors are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -40,7 +41,12 @@ from engramlm.data import Document, TrainBatches, ValBatches, load_documents, sp
 from engramlm.engram import Engram
 from engramlm.hashing import NgramHasher
 from engramlm.tables import DeviceTable
-from engramlm.tokenization import CompressedVocab, TokenizerMismatchError, _backend
+from engramlm.tokenization import (
+    CompressedVocab,
+    TokenizerMismatchError,
+    _backend,
+    resolve_pad_id,
+)
 from engramlm.train import TrainConfig, lr_at
 
 logger = logging.getLogger(__name__)
@@ -236,10 +242,13 @@ def retrofit(
         vocab = CompressedVocab(lookup, int(extra[-1]) + 1, vocab.fingerprint)
     if not engram_config.compress_tokens:  # the ablation: hash raw ids (SPEC §2.1 skipped)
         vocab = CompressedVocab.identity(model_vocab, vocab.fingerprint)
-    if engram_config.pad_id >= model_vocab:
+    if engram_config.pad_id is not None and engram_config.pad_id >= model_vocab:
         raise ValueError(
             f"engram pad_id={engram_config.pad_id} must be a raw token id in [0, {model_vocab})"
         )
+    lookup = vocab.lookup if engram_config.compress_tokens else None
+    pad = resolve_pad_id(engram_config.pad_id, tokenizer, lookup)  # SPEC §2.2
+    engram_config = dataclasses.replace(engram_config, pad_id=pad)
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -249,8 +258,9 @@ def retrofit(
     hidden_size = int(model.config.hidden_size)
     for layer_id in engram_config.layer_ids:
         engram = Engram(engram_config, hidden_size, context.hasher.moduli[layer_id])
-        nn.init.zeros_(engram.value_proj.weight)  # Y = 0 at init: logits unchanged
-        nn.init.zeros_(engram.value_proj.bias)
+        nn.init.zeros_(engram.kv_proj.weight[engram.value_rows])  # Y = 0 at init: logits kept
+        if engram.kv_proj.bias is not None:
+            nn.init.zeros_(engram.kv_proj.bias[engram.value_rows])
         engram.to(device=reference.device, dtype=reference.dtype)
         layers[layer_id] = EngramDecoderLayer(layers[layer_id], engram, layer_id, context)
     model.engram_retrofit = context
@@ -524,16 +534,16 @@ def retrofit_pretrained(
 ) -> dict[str, Any]:
     """Load a local HF model folder, retrofit Engram, train only Engram, save it to ``out``.
 
-    The Engram config is the ``tiny`` preset with ``pad_id`` = the tokenizer's pad (else EOS,
-    else 0) and ``engram_overrides`` applied; ``config`` goes to :func:`train_retrofit`.
+    The Engram config is the ``tiny`` preset (``pad_id`` resolved by :func:`retrofit`: the
+    tokenizer's pad, else EOS) with ``engram_overrides`` applied; ``config`` goes to
+    :func:`train_retrofit`.
     Writes ``out/`` (:func:`save_retrofit`) and ``out/report.json``; returns the report.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    defaults = {**EngramConfig.preset("tiny").to_dict(), "pad_id": 0 if pad is None else pad}
+    defaults = {**EngramConfig.preset("tiny").to_dict(), "pad_id": None}  # retrofit resolves
     engram = EngramConfig.from_dict({**defaults, **(engram_overrides or {})})
     retrofit(model, tokenizer, engram)
     report = train_retrofit(model, tokenizer, config)

@@ -140,3 +140,60 @@ class CompressedVocab:
     @classmethod
     def load(cls, path: str | Path) -> CompressedVocab:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Raw ids of the tokenizer's special tokens (a ``tokenizers.Tokenizer`` or an HF one)."""
+    return {i for i, t in _backend(tokenizer).get_added_tokens_decoder().items() if t.special}
+
+
+def resolve_pad_id(
+    pad_id: int | None,
+    tokenizer: Any,
+    lookup: np.ndarray | None = None,
+    *,
+    pad_token: str | None = None,
+    eos_token: str | None = None,
+    field: str = "engram.pad_id",
+) -> int:
+    """The raw id that fills the n-gram history before a sequence start (SPEC §2.2), checked.
+
+    ``None`` takes the tokenizer's pad token, else its EOS: an HF tokenizer's
+    ``pad_token_id``/``eos_token_id``, or for a ``tokenizers.Tokenizer`` the ids of the tokens
+    named ``pad_token``/``eos_token``. The filler must be a special token that no ordinary
+    token shares after compression (``lookup``: raw -> compressed ids): an ordinary one would
+    make every (start, x) n-gram address the rows of a real (token, x) n-gram. ValueError
+    names the offending token and the fix.
+    """
+    backend = _backend(tokenizer)
+    specials = special_token_ids(tokenizer)
+    if pad_id is None:
+        names = (pad_token, eos_token)
+        candidates = [getattr(tokenizer, a, None) for a in ("pad_token_id", "eos_token_id")]
+        candidates += [backend.token_to_id(n) for n in names if n is not None]
+        found = [c for c in candidates if isinstance(c, int)]
+        if not found:
+            raise ValueError(
+                f"{field} is unset and the tokenizer has neither a pad nor an EOS token; set "
+                f"{field} to the raw id of a special token (special ids: {sorted(specials)})"
+            )
+        pad_id = found[0]
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if not 0 <= pad_id < size:
+        raise ValueError(f"{field}={pad_id} is not a token id of the tokenizer [0, {size})")
+    if pad_id not in specials:
+        raise ValueError(
+            f"{field}={pad_id} is the ordinary token {backend.id_to_token(pad_id)!r}: the filler "
+            "before a sequence start must be a special token, or every sequence start aliases "
+            f"real n-grams. Leave {field} unset (the tokenizer's pad, else EOS) or set it to one "
+            f"of the special ids {sorted(specials)}"
+        )
+    if lookup is not None:
+        shared = [i for i in np.flatnonzero(lookup == lookup[pad_id]).tolist() if i not in specials]
+        if shared:
+            raise ValueError(
+                f"{field}={pad_id} ({backend.id_to_token(pad_id)!r}) shares its compressed id "
+                f"with the ordinary token(s) {[backend.id_to_token(i) for i in shared[:5]]}; "
+                "choose a special token whose text no ordinary token normalises to"
+            )
+    return pad_id

@@ -51,6 +51,8 @@ from engramlm.checkpoint import (
 )
 from engramlm.config import ModelConfig, check_fields
 from engramlm.data import (
+    EOS_TOKEN,
+    PAD_TOKEN,
     HashFn,
     Prefetcher,
     PreparedCorpus,
@@ -61,6 +63,7 @@ from engramlm.data import (
 from engramlm.model import EngramLM
 from engramlm.tables import DeviceTable, OffloadedTable, TableAdam, TablePlan
 from engramlm.tables.plan import TableKind
+from engramlm.tokenization import resolve_pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -322,13 +325,13 @@ def train(
         launch = distributed.launch_from_env(device)
         device = launch.device
     main = launch is None or launch.is_main
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with launch.main_first() if launch else contextlib.nullcontext():  # rank 0 fills the cache
         corpus = corpus or prepare_corpus(
             cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, seed=cfg.seed
         )
-    model_cfg = _bind_vocab(model_cfg, corpus)
+    model_cfg = _bind_vocab(model_cfg, corpus)  # refuses a bad filler before writing anything
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     configs = {
         "model": model_cfg.to_dict(),
         "train": cfg.to_dict(),
@@ -520,10 +523,30 @@ def train(
 
 
 def _bind_vocab(model_cfg: ModelConfig, corpus: PreparedCorpus) -> ModelConfig:
-    """The model's vocabulary is the tokenizer's; V' is the compressed vocabulary's."""
+    """The model's vocabulary is the tokenizer's; V' is the compressed vocabulary's; the n-gram
+    filler (``pad_id``) of Engram and Over-Encoding is resolved and checked against the
+    tokenizer (its pad token unless set; SPEC §2.2)."""
     compressed = corpus.compressed_vocab.num_compressed if model_cfg.engram else None
+    bound = {}
+    for name, lookup in (
+        ("engram", corpus.compressed_vocab.lookup),
+        ("overencoding", None),  # hashes raw ids
+    ):
+        cfg = getattr(model_cfg, name)
+        if cfg is not None:
+            if name == "engram" and not cfg.compress_tokens:
+                lookup = None
+            pad = resolve_pad_id(
+                cfg.pad_id,
+                corpus.tokenizer,
+                lookup,
+                pad_token=PAD_TOKEN,
+                eos_token=EOS_TOKEN,
+                field=f"{name}.pad_id",
+            )
+            bound[name] = dataclasses.replace(cfg, pad_id=pad)
     return dataclasses.replace(
-        model_cfg, vocab_size=corpus.vocab_size, compressed_vocab_size=compressed
+        model_cfg, vocab_size=corpus.vocab_size, compressed_vocab_size=compressed, **bound
     )
 
 
@@ -544,6 +567,12 @@ def build_run_model(
     vocab = CompressedVocab.load(run / "compressed_vocab.json")
     vocab.check_tokenizer(tokenizer)
     model_cfg = ModelConfig.from_dict(configs["model"])
+    if model_cfg.engram is not None:
+        lookup = vocab.lookup if model_cfg.engram.compress_tokens else None
+        try:
+            resolve_pad_id(model_cfg.engram.pad_id, tokenizer, lookup)
+        except ValueError as err:  # runs trained before the filler was checked
+            logger.warning("%s. %s was trained with this filler: retrain it to fix", err, run)
     model = EngramLM(model_cfg, vocab if model_cfg.engram else None, tables=tables).to(device)
     return model, tokenizer, configs
 
