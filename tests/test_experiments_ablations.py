@@ -180,7 +180,18 @@ def test_each_ablation_changes_only_its_component(smoke_corpus, tmp_path: Path) 
 
     ctx = Context(name="ablations", out_root=tmp_path, smoke=True, progress=False)
     configs = ablations.build_configs(ctx)
-    for ab in ablations.ablations(configs[ablations.FULL].num_layers):
+    full = configs[ablations.FULL]
+    assert configs[ablations.MOE].engram is None
+    assert configs[ablations.MOE].num_experts > full.num_experts  # the rho = 1 MoE
+    for key in ablations.CAPACITY:  # only the table rows shrink
+        cfg = configs[key]
+        assert dataclasses.replace(cfg.engram, table_sizes=full.engram.table_sizes) == full.engram
+        assert dataclasses.replace(cfg, engram=None) == dataclasses.replace(full, engram=None)
+        assert all(
+            a < b for a, b in zip(cfg.engram.table_sizes, full.engram.table_sizes, strict=True)
+        )
+    assert configs["rows_min"].engram.table_sizes == (2, 2)
+    for ab in ablations.ablations(full.num_layers):
         ref, cfg = configs[ab.reference], configs[ab.key]
         assert ref.engram is not None and cfg.engram is not None
         changed = {
@@ -205,8 +216,16 @@ def test_ablations_smoke_run(smoke_corpus, tmp_path: Path) -> None:
     for r in res["ablations"]:
         assert all(math.isfinite(d) for d in r["delta"])
         assert r["effect"] in ("worse", "better", "within noise")
+    cap = res["capacity"]
+    assert [r["key"] for r in cap["variants"]] == list(ablations.CAPACITY)
+    for r in cap["variants"]:
+        assert r["table_rows"] < cap["full_table_rows"]
+        gains = zip(cap["moe_val_loss"], r["val_loss"], cap["gain"], r["gain_kept"], strict=True)
+        for moe, loss, gain, kept in gains:
+            assert kept == pytest.approx((moe - loss) / gain)
     text = ablations.report(doc)
     assert text.startswith("## Ablations (`engramlm experiment ablations`)")
+    assert "| smallest tables |" in text
     assert "**Verdict:** regressions beyond the noise floor" in text
 
 

@@ -22,6 +22,13 @@ split the same rows differently.
   and 6 of 12), each at the same total table budget.
 - **+ 4-gram** - ``max_ngram=4``: 2-, 3- and 4-grams sharing the same budget.
 
+Capacity (not iso-parameter, on purpose): does the memory matter, or only Engram's extra dense
+projections? The reference Engram with its tables shrunk - to 1/16 of the rows, and to the
+smallest tables the hash allows (each head the smallest unused prime: 2, 3, 5, ... rows, a few
+rows per head, "capacity ~1") - keeping every dense part and the 12 experts. With the pure MoE
+(rho = 1) trained at the same seeds, the share of Engram's gain over the MoE that each keeps is
+(MoE - variant) / (MoE - reference).
+
 Seeds: every model is trained for each of ``ctx.seeds`` and deltas are paired by seed (same
 data order). The noise floor is the reference's seed-to-seed range; with a single seed the
 reference is also trained at one extra seed to measure it (its only use). A delta counts as a
@@ -44,7 +51,9 @@ from engramlm.config import ModelConfig
 from engramlm.experiments.common import Context
 from engramlm.model import allocate, model_stats
 
-FULL, FULL_MHC = "full", "full_mhc"
+FULL, FULL_MHC, MOE = "full", "full_mhc", "moe"
+# Capacity variants: the reference's table rows scaled by this fraction (0: the smallest tables).
+CAPACITY = {"rows_1_16": (1 / 16, "1/16 of the table rows"), "rows_min": (0.0, "smallest tables")}
 MHC_BRANCHES = 2  # hc_mult of the multi-branch pair
 # The paper (§6.2): 12-layer 3B MoE, 0.56B active, 100B tokens.
 PAPER = {"moe": 1.808, "engram_two_layers": 1.768, "best_single_layer": 1.770}
@@ -124,6 +133,14 @@ def build_configs(ctx: Context) -> dict[str, ModelConfig]:
         backbone = mhc if ab.reference == FULL_MHC else moe
         variant = dataclasses.replace(shape, hc_mult=backbone.hc_mult, **changes)
         configs[ab.key] = allocate(backbone, DEFAULT_RHO, engram=variant)
+    configs[MOE] = moe
+    full = configs[FULL].engram
+    assert full is not None
+    for key, (fraction, _) in CAPACITY.items():
+        sizes = tuple(max(2, int(size * fraction)) for size in full.table_sizes)
+        configs[key] = dataclasses.replace(
+            configs[FULL], engram=dataclasses.replace(full, table_sizes=sizes)
+        )
     return configs
 
 
@@ -185,6 +202,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 "params": _describe(configs[ab.key], train_cfg.seq_len),
             }
         )
+    capacity = _capacity(configs, refs[FULL], {s: train(MOE, s) for s in seeds}, seeds, train)
     references = {
         key: {
             "val_loss": [refs[key][s]["val_loss"] for s in refs[key]],
@@ -202,8 +220,48 @@ def run(ctx: Context) -> dict[str, Any]:
         "noise": noise,
         "references": references,
         "ablations": rows,
+        "capacity": capacity,
         "summary": summarise(rows, noise, references[FULL]["params"]["total_params"]),
         "paper": PAPER,
+    }
+
+
+def _capacity(
+    configs: dict[str, ModelConfig],
+    full: dict[int, dict[str, Any]],
+    moe: dict[int, dict[str, Any]],
+    seeds: list[int],
+    train: Any,
+) -> dict[str, Any]:
+    """The capacity variants against the reference and the pure MoE, paired by seed."""
+    gains = [moe[s]["val_loss"] - full[s]["val_loss"] for s in seeds]
+    rows = []
+    for key, (fraction, label) in CAPACITY.items():
+        runs = {s: train(key, s) for s in seeds}
+        kept = [
+            (moe[s]["val_loss"] - runs[s]["val_loss"]) / gain if gain else float("nan")
+            for s, gain in zip(seeds, gains, strict=True)
+        ]
+        stats = model_stats(configs[key])
+        rows.append(
+            {
+                "key": key,
+                "label": label,
+                "fraction": fraction,
+                "val_loss": [runs[s]["val_loss"] for s in seeds],
+                "delta": [runs[s]["val_loss"] - full[s]["val_loss"] for s in seeds],
+                "gain_kept": kept,
+                "table_rows": stats.engram_table_params // configs[key].engram.head_dim,
+                "engram_table_params": stats.engram_table_params,
+            }
+        )
+    return {
+        "moe_val_loss": [moe[s]["val_loss"] for s in seeds],
+        "full_val_loss": [full[s]["val_loss"] for s in seeds],
+        "gain": gains,
+        "full_table_rows": model_stats(configs[FULL]).engram_table_params
+        // configs[FULL].engram.head_dim,
+        "variants": rows,
     }
 
 
@@ -320,12 +378,42 @@ def report(doc: dict[str, Any]) -> str:
         "context-aware gating or tokenizer compression; removing the short conv costs little; "
         "4-grams at the same budget are slightly worse.",
         "",
+        *_capacity_report(res),
         "![ablation deltas](img/results/ablations/ablation_deltas.png)",
         "![ablation curves](img/results/ablations/ablation_curves.png)",
         "",
         "**Verdict:** " + verdict(res),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _capacity_report(res: dict[str, Any]) -> list[str]:
+    """The capacity table: does the memory matter, or only the extra projections?"""
+    cap = res.get("capacity")
+    if not cap:  # results written before the capacity variants existed
+        return []
+
+    def mean_sd(xs: list[float]) -> str:
+        sd = f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""
+        return f"{statistics.fmean(xs):.4f}{sd}"
+
+    lines = [
+        "Capacity (same dense parts and experts, tables shrunk; not iso-parameter): how much of "
+        f"Engram's gain over the pure MoE (MoE {mean_sd(cap['moe_val_loss'])}, reference Engram "
+        f"{mean_sd(cap['full_val_loss'])} with {cap['full_table_rows']:,} rows; gain "
+        f"{mean_sd(cap['gain'])} nats) each keeps, paired by seed:",
+        "",
+        "| tables | rows | val loss | Δ vs reference | share of the gain kept |",
+        "|---|---|---|---|---|",
+    ]
+    for r in cap["variants"]:
+        kept = [100 * k for k in r["gain_kept"]]
+        sd = f" ± {statistics.stdev(kept):.0f}%" if len(kept) > 1 else ""
+        lines.append(
+            f"| {r['label']} | {r['table_rows']:,} | {mean_sd(r['val_loss'])} | "
+            f"{statistics.fmean(r['delta']):+.4f} | {statistics.fmean(kept):.0f}%{sd} |"
+        )
+    return [*lines, ""]
 
 
 def _fmt_losses(losses: list[float]) -> str:
