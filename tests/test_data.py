@@ -378,6 +378,29 @@ def test_prepare_corpus_end_to_end_and_cached(pydocs_files: list[Path], tmp_path
     assert np.array_equal(again.train.tokens, corpus.train.tokens)
 
 
+def test_tuning_split_holds_out_training_documents_never_validation_ones(
+    pydocs_files: list[Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for p in pydocs_files[:16]:
+        shutil.copy(p, folder / p.name)
+    kw = dict(vocab_size=VOCAB, val_fraction=0.25, seed=0, cache_dir=tmp_path / "cache")
+    main = prepare_corpus(folder, **kw)
+    tuning = prepare_corpus(folder, tuning=True, **kw)
+    assert (
+        tuning.compressed_vocab.fingerprint == main.compressed_vocab.fingerprint
+    )  # same tokenizer
+    docs = load_documents(folder)
+    train_docs, val_docs = split_documents(docs, 0.25, 0)
+    tune_train, tune_val = split_documents(train_docs, 0.25, 1)
+    stats = tuning.stats()
+    assert (stats["train"]["documents"], stats["val"]["documents"]) == (9, 3)
+    assert stats["val"]["bytes"] == sum(len(d.text.encode()) for d in tune_val)
+    assert not {d.name for d in tune_val} & {d.name for d in val_docs}
+    assert tuning.val.num_tokens != main.val.num_tokens
+
+
 def test_prefetch_raises_loader_errors_in_the_consumer(token_file: TokenFile) -> None:
     def hash_fn(ids: torch.Tensor) -> dict[int, torch.Tensor]:
         # Raw ids against a too-small compressed vocabulary: hashing refuses them.

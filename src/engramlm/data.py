@@ -777,8 +777,14 @@ def prepare_corpus(
     val_fraction: float = 0.05,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    tuning: bool = False,
 ) -> PreparedCorpus:
     """Load, split by document, train the tokenizer on train only, tokenize both splits.
+
+    ``tuning=True`` gives the tuning split instead, for choosing hyper-parameters without
+    touching the validation documents the results are reported on: the same tokenizer (trained
+    on the same training documents), a validation split of ``val_fraction`` of the *training*
+    documents (another seeded draw) and the rest of them to train on.
 
     Every step is cached under ``cache_dir`` (default :func:`default_cache_dir`) by content
     hash, so a second call re-reads the text and hashes it but trains and tokenizes nothing.
@@ -787,13 +793,15 @@ def prepare_corpus(
     docs = load_documents(source)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     tokenizer = train_tokenizer(train_docs, vocab_size, cache)
+    if tuning:
+        train_docs, val_docs = split_documents(train_docs, val_fraction, seed + 1)
     fingerprint = vocab_fingerprint(tokenizer)
     files = {}
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         key = _content_hash({"tokenizer": fingerprint}, (d.text for d in split_docs))
         files[split] = tokenize_to_file(split_docs, tokenizer, cache / f"tokens-{key}-{split}.bin")
     corpus = PreparedCorpus(
-        source=str(source),
+        source=f"{source} (tuning split)" if tuning else str(source),
         tokenizer=tokenizer,
         compressed_vocab=CompressedVocab.from_tokenizer(tokenizer),
         train=files["train"],
