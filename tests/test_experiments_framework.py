@@ -145,6 +145,9 @@ def test_training_runs_are_cached_resumed_and_redone_on_change(
     ctx.train("moe", ctx.base_moe, ctx.train_config(steps=3))
     assert calls == [False, True, False]  # another config: trained from scratch
     assert ctx.load("moe").config.num_layers == ctx.base_moe.num_layers
+    monkeypatch.setattr(common, "BEHAVIOUR_VERSION", common.BEHAVIOUR_VERSION + 1)
+    ctx.train("moe", ctx.base_moe, ctx.train_config(steps=3))
+    assert calls == [False, True, False, False]  # same configs, new behaviour: not reused
 
 
 def test_settings_override_the_base_configs(tmp_path: Path) -> None:

@@ -161,6 +161,7 @@ class Context:
         train_cfg = train_cfg or self.train_config()
         wanted = {"model": changed_fields(model_cfg), "train": changed_fields(train_cfg)}
         wanted["train"].pop("out_dir", None)
+        wanted["behaviour"] = BEHAVIOUR_VERSION
         digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
         run_dir = self.out_root / "_models" / digest
         link = self.out_dir / "models" / key
@@ -227,6 +228,13 @@ class Context:
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, path)
         return path
+
+
+# Part of every run digest; raised when a default changes what a model computes while its config
+# reads the same, so that runs stored before are retrained, never reused. 2: the n-gram filler
+# is the tokenizer's pad (was raw id 2, an ordinary token), the conv norm's eps 1e-5, fused
+# key/value projections (another order of initial draws).
+BEHAVIOUR_VERSION = 2
 
 
 def changed_fields(cfg: Any) -> Any:
