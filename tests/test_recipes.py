@@ -58,3 +58,32 @@ def test_main_job_runs_end_to_end_at_smoke_size(tmp_path, capsys) -> None:
     assert (
         "| MoE (rho=1) |" in (out / "table.md").read_text() and "| Dense" in capsys.readouterr().out
     )
+
+
+def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, capsys) -> None:
+    """recipes/moe_baseline.py at smoke size: every candidate x seed trains the MoE and its
+    iso-FLOP dense model; margins are dense - MoE, per seed; results.json is written."""
+    import importlib.util
+    import sys
+
+    import pytest
+
+    if not Path("/usr/share/doc/python3.11/html/_sources").is_dir():
+        pytest.skip("python3.11-doc is not installed: run `make data`")
+    spec = importlib.util.spec_from_file_location("moe_baseline", RECIPES / "moe_baseline.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo,long-8x512"],
+    )
+    recipe.main()
+    doc = json.loads((tmp_path / "runs/moe_baseline/results.json").read_text())
+    assert [r["candidate"] for r in doc["rows"]] == ["demo", "long-8x512"]
+    for r in doc["rows"]:
+        expected = [d - m for d, m in zip(r["dense_val_loss"], r["moe_val_loss"], strict=True)]
+        assert r["margin"] == expected and len(expected) == 2
+        assert all(math.isfinite(x) and x >= 1.0 for x in r["imbalance"])
+    assert "margin" in capsys.readouterr().out
