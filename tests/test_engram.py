@@ -23,14 +23,33 @@ def make(cfg: EngramConfig, hidden: int = 32) -> tuple[Engram, NgramHasher]:
     return Engram(cfg, hidden, hasher.moduli[cfg.layer_ids[0]]), hasher
 
 
+SPEC_KERNEL = 4  # SPEC §2.6: kernel w = 4
+SPEC_DILATION = 3  # SPEC §2.6: dilation delta = N = 3 (max n-gram order)
+
+
 def randomise_conv(engram: Engram) -> None:
     with torch.no_grad():
         engram.short_conv.weight.normal_(0, 0.5)
 
 
+def randomise_norms(engram: Engram) -> None:
+    """Non-unit RMSNorm weights (they start at 1), so a dropped or misplaced scale shows."""
+    with torch.no_grad():
+        for module in engram.modules():
+            if isinstance(module, torch.nn.RMSNorm):
+                module.weight.normal_(1.0, 0.5)
+
+
+def rms_norm(x: torch.Tensor, norm: torch.nn.RMSNorm) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight; eps (not in the SPEC) is the module's."""
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
+
+
 @torch.no_grad()
 def reference_forward(engram: Engram, hidden: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
-    """SPEC §2.4-2.6 written position by position: slow and obviously right."""
+    """SPEC §2.4-2.6 written position by position: slow and obviously right. The conv's kernel
+    and dilation are the SPEC's constants, not the module's."""
     cfg = engram.config
     B, T, M, D = hidden.shape
     w = engram.table.weight
@@ -43,22 +62,19 @@ def reference_forward(engram: Engram, hidden: torch.Tensor, hash_ids: torch.Tens
             v = engram.value_proj.weight @ e + engram.value_proj.bias
             for m in range(M):
                 k = engram.key_projs[m].weight @ e + engram.key_projs[m].bias
-                q = hidden[b, t, m]
-                qn = q * torch.rsqrt(q.pow(2).mean() + torch.finfo(q.dtype).eps)
-                qn = qn * engram.query_norms[m].weight
-                kn = k * torch.rsqrt(k.pow(2).mean() + torch.finfo(k.dtype).eps)
-                kn = kn * engram.key_norms[m].weight
+                qn = rms_norm(hidden[b, t, m], engram.query_norms[m])
+                kn = rms_norm(k, engram.key_norms[m])
                 s = float(qn @ kn) / math.sqrt(D)
                 if cfg.gate == "signed_sqrt":
                     s = math.copysign(math.sqrt(max(abs(s), 1e-6)), s)
                 u[b, t, m] = v / (1 + math.exp(-s))
     conv = engram.short_conv
-    normed = torch.stack([conv.norms[m](u[:, :, m]) for m in range(M)], dim=2)  # [B, T, M, D]
-    filt = conv.weight.view(M, D, conv.kernel_size)
+    normed = torch.stack([rms_norm(u[:, :, m], conv.norms[m]) for m in range(M)], dim=2)
+    filt = conv.weight.view(M, D, SPEC_KERNEL)  # [M*D, 1, w] depthwise filters
     for t in range(T):
         acc = torch.zeros(B, M, D)
-        for i in range(conv.kernel_size):
-            src = t - (conv.kernel_size - 1 - i) * conv.dilation
+        for i in range(SPEC_KERNEL):  # tap i reads position t - (w - 1 - i) * delta
+            src = t - (SPEC_KERNEL - 1 - i) * SPEC_DILATION
             if src >= 0:
                 acc += filt[:, :, i] * normed[:, src]
         out[:, t] = u[:, t] + F.silu(acc)
@@ -68,8 +84,10 @@ def reference_forward(engram: Engram, hidden: torch.Tensor, hash_ids: torch.Tens
 @pytest.mark.parametrize("hc_mult,gate", [(1, "signed_sqrt"), (4, "signed_sqrt"), (2, "plain")])
 def test_engram_matches_reference(tiny_engram: EngramConfig, hc_mult: int, gate: str) -> None:
     cfg = dataclasses.replace(tiny_engram, hc_mult=hc_mult, gate=gate)
+    assert (cfg.kernel_size, cfg.max_ngram) == (SPEC_KERNEL, SPEC_DILATION)  # the SPEC's conv
     engram, hasher = make(cfg)
     randomise_conv(engram)
+    randomise_norms(engram)
     ids = torch.randint(0, V, (2, 11))
     hidden = torch.randn(2, 11, hc_mult, 32)
     hash_ids = hasher(ids, 1)
