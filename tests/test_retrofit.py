@@ -255,6 +255,17 @@ def test_bf16_base_model_keeps_fp32_tables(tokenizer) -> None:
     assert engram.table.weight.grad.abs().sum() > 0
 
 
+def test_bf16_retrofit_reloads_with_fp32_tables(tokenizer, tmp_path: Path) -> None:
+    model = retrofit(build("llama").to(torch.bfloat16), tokenizer, ENGRAM)
+    _activate(model)
+    save_retrofit(model, tmp_path)
+    loaded = load_retrofit(build("llama").to(torch.bfloat16), tokenizer, tmp_path)
+    assert engram_modules(loaded)[1].table.weight.dtype == torch.float32
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip_gives_identical_logits(arch: str, tokenizer, tmp_path: Path) -> None:
     model = retrofit(build(arch), tokenizer, ENGRAM)
