@@ -82,7 +82,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _engram_cache(config: Any) -> Any:
-    """An empty :class:`engramlm.hf.EngramCache` laid out for ``config`` (its sliding-window layers)."""
+    """An empty :class:`engramlm.hf.EngramCache` laid out for ``config`` (sliding layers too)."""
     from engramlm.hf import EngramCache
 
     return EngramCache(config=config.get_text_config(decoder=True))
@@ -361,9 +361,10 @@ def _place(engram: Engram, device: torch.device, dtype: torch.dtype) -> None:
     """Move Engram to the base model's device and dtype, except its table, which stays fp32
     (see the module docstring); ``Engram.retrieve`` casts looked-up rows to the hidden dtype."""
     engram.to(device=device)
-    for child in engram.children():
-        if child is not engram.table:
-            child.to(dtype=dtype)
+    table = {id(p) for p in engram.table.parameters()}
+    for p in engram.parameters():
+        if id(p) not in table and p.is_floating_point():
+            p.data = p.data.to(dtype)  # in place, as nn.Module.to does
 
 
 def _generate_with_engram_cache(model: nn.Module) -> None:
