@@ -213,9 +213,15 @@ def test_ablations_smoke_run(smoke_corpus, tmp_path: Path) -> None:
     res = doc["results"]
     assert res["noise_seeds"] == [0, 1]  # one seed asked: the reference gets a second
     assert [r["key"] for r in res["ablations"]] == [a.key for a in ablations.ablations(3)]
-    for r in res["ablations"]:
-        assert all(math.isfinite(d) for d in r["delta"])
-        assert r["effect"] in ("worse", "better", "within noise")
+    refs = res["references"]
+    noise = max(refs[ablations.FULL]["val_loss"]) - min(refs[ablations.FULL]["val_loss"])
+    assert res["noise"] == pytest.approx(noise)
+    for r in res["ablations"]:  # delta = ablation - its reference, same seed (seed 0 here)
+        reference = refs[r["reference"]]
+        ref = dict(zip(reference["seeds"], reference["val_loss"], strict=True))
+        assert r["delta"] == pytest.approx([r["val_loss"][0] - ref[0]])
+        worse, better = r["delta"][0] > noise, r["delta"][0] < -noise
+        assert r["effect"] == ("worse" if worse else "better" if better else "within noise")
     cap = res["capacity"]
     assert [r["key"] for r in cap["variants"]] == list(ablations.CAPACITY)
     for r in cap["variants"]:

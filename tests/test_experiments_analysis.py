@@ -7,7 +7,6 @@ tests check, on tiny untrained models, the properties the measurements rest on.
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +241,7 @@ def test_probes_mark_copyable_and_stored_targets(corpus) -> None:
 def test_retention_is_undefined_without_an_unmasked_score() -> None:
     assert masking.retention(0.2, 0.4) == pytest.approx(0.5)
     assert masking.retention(0.1, 0.0) is None
-    assert math.isfinite(masking.retention(0.0, 0.3))
+    assert masking.retention(0.0, 0.3) == 0.0  # nothing kept is a retention of 0, not None
 
 
 def test_gate_verdict_needs_a_real_effect_not_just_a_higher_mean() -> None:

@@ -134,13 +134,19 @@ def test_auto_model_logits_equal_engramlm(saved: Path, model: EngramLM, prompt) 
         torch.testing.assert_close(loaded(prompt).logits, model(prompt).logits, rtol=0, atol=0)
 
 
-def test_labels_loss_is_next_token_cross_entropy(saved: Path, prompt) -> None:
+def test_labels_loss_is_next_token_cross_entropy_over_unignored_labels(saved: Path, prompt) -> None:
+    """Token t is scored against label t+1; labels of -100 drop out of the mean."""
     loaded = EngramForCausalLM.from_pretrained(saved)
+    labels = prompt.clone()
+    labels[:, 1:4] = -100
     with torch.no_grad():
-        out = loaded(prompt, labels=prompt)
-    expected = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].flatten(0, 1), prompt[:, 1:].flatten()
-    )
+        out = loaded(prompt, labels=labels)
+    logits, targets = out.logits[:, :-1], prompt[:, 1:]  # [B, T-1, V], [B, T-1]
+    kept = torch.ones_like(targets, dtype=torch.bool)
+    kept[:, :3] = False
+    expected = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
+    everywhere = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert not torch.allclose(expected, everywhere)  # ignoring must change the value
     torch.testing.assert_close(out.loss, expected)
 
 

@@ -162,14 +162,108 @@ def test_engram_changes_the_output_once_non_zero(tokenizer) -> None:
     assert not torch.allclose(before, after, atol=1e-3)
 
 
-def test_decoding_a_foreign_cache_is_refused(tokenizer) -> None:
+def test_decode_state_travels_with_the_cache_not_the_model(tokenizer) -> None:
+    """Another sequence run in between must not disturb a cache's Engram state."""
+    model = retrofit(build("llama"), tokenizer, ENGRAM)
+    _activate(model)
+    ids, other = _ids(), _ids(length=5) + 1
+    with torch.no_grad():
+        cache = model(ids[:, :-1], use_cache=True).cache
+        model(other, use_cache=True)  # a fresh sequence through the same modules
+        step = model(ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]  # [B, V]
+        full = model(ids, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step, full)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_beam_search_matches_uncached_beam_search(arch: str, tokenizer) -> None:
+    """Beam reordering must move the hash prefix and conv states with the keys and values."""
+    model = retrofit(build(arch), tokenizer, ENGRAM)
+    _activate(model)
+    prompt = _ids(length=7)
+    beam = dict(num_beams=4, do_sample=False, max_new_tokens=8, pad_token_id=1)
+    cached = model.generate(prompt, use_cache=True, **beam)
+    uncached = model.generate(prompt, use_cache=False, **beam)
+    base = build(arch).generate(prompt, **beam)
+    assert not torch.equal(cached, base), "Engram must change the beams for the test to bite"
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_row_generates_as_it_would_alone(arch: str, tokenizer) -> None:
+    """Pads (here token 7, not Engram's pad id) are neither hashed nor fed to the short conv."""
+    model = retrofit(build(arch), tokenizer, ENGRAM)
+    _activate(model)
+    short, long = _ids(batch=1, length=6), _ids(batch=1, length=10) + 1
+    pads = torch.full((1, 4), 7)
+    batch = torch.cat([torch.cat([pads, short], dim=1), long])  # [2, 10], row 0 left-padded
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    greedy = dict(
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=1,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    padded = model.generate(batch, attention_mask=mask, **greedy)
+    alone = model.generate(short, **greedy)
+    assert torch.equal(padded.sequences[0, 4:], alone.sequences[0])
+    torch.testing.assert_close(
+        torch.stack(padded.logits)[:, 0], torch.stack(alone.logits)[:, 0], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_padding_after_a_real_token_is_refused(tokenizer) -> None:
     model = retrofit(build("llama"), tokenizer, ENGRAM)
     ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # right padding
+    with pytest.raises(ValueError, match="row 1 has a 0 after a 1.*left padding only"):
+        model(ids, attention_mask=mask)
+
+
+def test_a_cache_without_engram_state_is_refused(tokenizer) -> None:
+    model = retrofit(build("llama"), tokenizer, ENGRAM)
+    with pytest.raises(TypeError, match="keeps its decode state in an engramlm.hf.EngramCache"):
+        model(_ids(), cache=transformers.DynamicCache(), use_cache=True)
+
+
+def test_assisted_decoding_is_refused(tokenizer) -> None:
+    """Engram's state cannot rewind, so decoding that crops the cache must not start."""
+    model = retrofit(build("llama"), tokenizer, ENGRAM)
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(_ids(length=7), prompt_lookup_num_tokens=3, max_new_tokens=4)
+
+
+def test_bf16_base_model_keeps_fp32_tables(tokenizer) -> None:
+    model = build("llama").to(torch.bfloat16)
+    ids = _ids()
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
-        model(ids[:, :3])  # a new, shorter sequence resets the decode state
-        with pytest.raises(RuntimeError, match="decode state covers 3 tokens"):
-            model(ids[:, -1:], cache=cache, use_cache=True)
+        before = model(ids).logits
+    retrofit(model, tokenizer, ENGRAM)
+    engram = engram_modules(model)[1]
+    assert engram.table.weight.dtype == torch.float32
+    assert {p.dtype for n, p in engram.named_parameters() if not n.startswith("table.")} == {
+        torch.bfloat16
+    }
+    logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, before)  # W_V = 0 still
+    _activate(model)
+    model(ids).logits.float().square().mean().backward()
+    assert engram.table.weight.grad.dtype == torch.float32
+    assert engram.table.weight.grad.abs().sum() > 0
+
+
+def test_bf16_retrofit_reloads_with_fp32_tables(tokenizer, tmp_path: Path) -> None:
+    model = retrofit(build("llama").to(torch.bfloat16), tokenizer, ENGRAM)
+    _activate(model)
+    save_retrofit(model, tmp_path)
+    loaded = load_retrofit(build("llama").to(torch.bfloat16), tokenizer, tmp_path)
+    assert engram_modules(loaded)[1].table.weight.dtype == torch.float32
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -171,15 +171,17 @@ class EngramCache(DynamicCache):
     ``hash_prefix`` [B, N-1]: the last N-1 compressed ids (SPEC §2.2); ``conv_states``: per
     Engram layer, the short conv's last (w-1)N normalised inputs [B, M*D, (w-1)N] (SPEC §2.6).
     Batch reordering (beam search, ``num_return_sequences``) applies to both. Engram's state
-    cannot be rolled back, so ``crop`` (assisted/speculative decoding) is refused.
+    cannot be rolled back, so ``crop`` (assisted/speculative decoding) is refused. Retrofitted
+    HF models (``engramlm.retrofit``) keep their Engram state in this cache too (M = 1);
+    ``kwargs`` go to ``DynamicCache`` (``config=`` lays out a base model's sliding layers).
 
     A step runs ``EngramLM.forward`` on a :class:`~engramlm.model.DecodeCache` view of this
     cache, then hands the new keys/values to ``DynamicCache.update``: one extra copy of the
     keys/values per step, the price of using only DynamicCache's public API.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.hash_prefix: Tensor | None = None
         self.conv_states: dict[int, Tensor] = {}
 

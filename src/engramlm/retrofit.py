@@ -9,9 +9,23 @@ Engram is trained - the LoRA-style "B = 0" start. The base weights are frozen by
 
 Hash ids come from the input ids (SPEC §2.1-2.3). A decoder layer never sees ``input_ids``, so a
 forward pre-hook on the base model (``model.base_model``) compresses and hashes them once per
-call; the wrapped layers read the result. For KV-cached decoding the hook keeps the hashing
-prefix (last N-1 compressed ids) and each layer keeps its short-conv state, so token-by-token
-decoding equals the full forward; a call whose KV cache is empty starts a fresh sequence.
+call; the wrapped layers read the result. For KV-cached decoding, Engram's decode state (the
+hashing prefix, the last N-1 compressed ids, and each layer's short-conv state) lives in the
+generation cache beside the keys and values: an :class:`engramlm.hf.EngramCache`, the cache of
+engramlm's own HF model. ``generate`` builds one, a cached forward without a cache gets one, and
+beam search's ``reorder_cache`` / ``batch_repeat_interleave`` / ``batch_select_indices`` move
+the Engram state with the keys and values; ``crop`` is refused (the state cannot rewind), and the
+model is marked stateful, so assisted decoding is refused too. A call whose cache is empty starts
+a fresh sequence.
+
+Left-padded batches are supported: positions where the 2-D ``attention_mask`` is 0 are hashed as
+the compressed pad id, exactly like the positions before a sequence's start (SPEC §2.2), and
+enter the short conv as zeros, like its causal padding; so a left-padded row decodes as it would
+alone. Masks with a zero after a one (right or inner padding) are refused.
+
+Engram's tables stay fp32 when the base model is bf16/fp16 (the rest of Engram takes the base
+model's dtype; looked-up rows are cast to it): bf16's 8-bit mantissa would drop table updates
+smaller than 1/256 of a row's magnitude, and only the rows a batch addresses are ever cast.
 
     model = retrofit(model, tokenizer, EngramConfig.preset("tiny"))  # pad: the tokenizer's
     report = train_retrofit(model, tokenizer, TrainConfig(data="pydocs", steps=200, lr=1e-3))
@@ -73,21 +87,48 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def _cache_length(cache: Any) -> int:
-    """Tokens already in a HF KV cache (0 for none)."""
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2])  # legacy tuple of (key, value) per layer
+def _engram_cache(config: Any) -> Any:
+    """An empty :class:`engramlm.hf.EngramCache` laid out for ``config`` (sliding layers too)."""
+    from engramlm.hf import EngramCache
+
+    return EngramCache(config=config.get_text_config(decoder=True))
+
+
+def _real_tokens(
+    attention_mask: Tensor | None, batch: int, past: int, length: int
+) -> Tensor | None:
+    """[B, T] bool, False at this call's left-pad positions; None when nothing is padded.
+
+    ``attention_mask`` [B, past + T] must be 0s then 1s in every row (left padding): a zero
+    after a one would put a pad inside a real token's n-grams and conv window.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, past + length):
+        raise ValueError(
+            f"an Engram-retrofitted model needs a 2-D attention_mask [B, past + T] = "
+            f"[{batch}, {past + length}] (Engram reads it to skip left padding), got "
+            f"{list(attention_mask.shape)}"
+        )
+    mask = attention_mask.bool()
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        row = int((mask[:, :-1] & ~mask[:, 1:]).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"attention_mask row {row} has a 0 after a 1: an Engram-retrofitted model supports "
+            "left padding only (pads before each row's first token); pad on the left "
+            "(tokenizer.padding_side = 'left')"
+        )
+    keep = mask[:, past:]  # [B, T]
+    return None if bool(keep.all()) else keep
 
 
 class EngramRetrofit(nn.Module):
-    """What every wrapped layer shares: P: V -> V', the hasher, and the per-call hash ids.
+    """What every wrapped layer shares: P: V -> V', the hasher, and the per-call inputs.
 
     Attached to the model as ``model.engram_retrofit``. It holds only non-persistent buffers
-    (they follow ``model.to(...)`` but add nothing to the model's state dict). ``begin`` runs
-    from a forward pre-hook on the base model once per forward call.
+    (they follow ``model.to(...)`` but add nothing to the model's state dict) and no decode
+    state: that lives in the call's :class:`engramlm.hf.EngramCache`. ``begin`` runs from a
+    forward pre-hook on the base model once per forward call, ``end`` from a forward hook.
     """
 
     def __init__(
@@ -99,50 +140,72 @@ class EngramRetrofit(nn.Module):
         self.num_layers = num_layers
         lookup = torch.as_tensor(compressed_vocab.lookup, dtype=torch.int64)
         self.register_buffer("compress_lookup", lookup, persistent=False)  # [V]
+        self.compressed_pad = int(compressed_vocab.lookup[config.pad_id])  # SPEC §2.2
         self.hasher = NgramHasher.from_config(
             config,
-            pad_id=int(compressed_vocab.lookup[config.pad_id]),  # compressed pad (SPEC §2.2)
+            pad_id=self.compressed_pad,
             compressed_vocab_size=compressed_vocab.num_compressed,
         )
-        self.hash_ids: dict[int, Tensor] | None = None  # this call's {layer_id: [B, T, H]}
-        self.continuing = False  # this call extends the previous one (KV-cached decoding)
-        self._prefix: Tensor | None = None  # [B, N-1] compressed ids before this call
-        self._seen = 0  # tokens hashed since the sequence began
+        # This call's inputs, set by begin() and cleared by end():
+        self.hash_ids: dict[int, Tensor] | None = None  # {layer_id: [B, T, H]}
+        self.cache: Any = None  # the EngramCache carrying the decode state, or None
+        self.continuing = False  # the cache already holds earlier tokens of these sequences
+        self.real_tokens: Tensor | None = None  # [B, T] bool, False at left pads; None: no pads
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Raise :class:`TokenizerMismatchError` unless ``tokenizer`` is the one retrofitted."""
         self.compressed_vocab.check_tokenizer(tokenizer)
 
-    def begin(self, input_ids: Tensor, past_length: int) -> None:
-        """Hash one forward call's ``input_ids`` [B, T]; ``past_length`` = tokens in the KV cache.
+    def begin(self, input_ids: Tensor, cache: Any, attention_mask: Tensor | None) -> None:
+        """Hash one forward call's ``input_ids`` [B, T], continuing ``cache``'s sequences.
 
-        An empty cache starts a new sequence (pad-filled prefix, zero conv state); otherwise the
-        call must continue exactly the tokens hashed so far, and the prefix carries over.
+        ``cache`` is None (no decoding state kept) or an ``EngramCache``: empty, it starts new
+        sequences (pad-filled prefix, zero conv state); otherwise its hash prefix and conv
+        states continue, and the new prefix is written back to it.
         """
+        from engramlm.hf import EngramCache
+
         B, T = input_ids.shape
-        if past_length == 0:
-            self._prefix, self._seen, self.continuing = None, 0, False
-        elif past_length != self._seen or self._prefix is None or self._prefix.shape[0] != B:
-            held = "none" if self._prefix is None else f"{self._prefix.shape[0]} sequences"
-            raise RuntimeError(
-                f"Engram decode state covers {self._seen} tokens ({held}) but this call's KV "
-                f"cache holds {past_length} tokens for {B} sequences; decode a cache only "
-                "through the model that filled it, one call after another (beam reordering and "
-                "cache cropping are not supported)"
+        past = 0 if cache is None else int(cache.get_seq_length())
+        if cache is not None and not isinstance(cache, EngramCache):
+            raise TypeError(
+                f"an Engram-retrofitted model keeps its decode state in an "
+                f"engramlm.hf.EngramCache, got a {type(cache).__name__}; pass cache=None (one is "
+                "made and returned) or the EngramCache an earlier call returned"
             )
-        else:
-            self.continuing = True
+        prefix = None
+        if past:
+            held = cache.hash_prefix
+            layers = set(self.config.layer_ids)
+            if held is None or held.shape[0] != B or set(cache.conv_states) != layers:
+                raise RuntimeError(
+                    f"the cache holds {past} tokens but no Engram decode state for {B} sequences "
+                    f"and layers {sorted(layers)} (it has "
+                    f"{'none' if held is None else f'{held.shape[0]} sequences'}, conv states "
+                    f"of layers {sorted(cache.conv_states)}); decode a cache only through the "
+                    "retrofitted model that filled it"
+                )
+            prefix = held
+        keep = _real_tokens(attention_mask, B, past, T)
         compressed = self.compress_lookup[input_ids.to(self.compress_lookup.device)]  # [B, T]
-        self.hash_ids = self.hasher.all_layers(compressed, self._prefix)
-        self._prefix = self.hasher.next_prefix(self._prefix, compressed)
-        self._seen += T
+        if keep is not None:  # left pads hash like the positions before the start
+            compressed = compressed.masked_fill(~keep.to(compressed.device), self.compressed_pad)
+        self.hash_ids = self.hasher.all_layers(compressed, prefix)
+        self.cache, self.continuing, self.real_tokens = cache, past > 0, keep
+        if cache is not None:
+            cache.hash_prefix = self.hasher.next_prefix(prefix, compressed)
+            if not past:
+                cache.conv_states = {}
 
     def end(self) -> None:
-        """Forget this call's hash ids once the base model's forward returns."""
-        self.hash_ids = None
+        """Forget this call's inputs once the base model's forward returns."""
+        self.hash_ids, self.cache, self.continuing, self.real_tokens = None, None, False, None
 
-    def _pre_hook(self, signature: inspect.Signature) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _pre_hook(self, signature: inspect.Signature, config: Any) -> Callable[..., Any]:
+        names = list(signature.parameters)
+        cache_at = names.index("cache") if "cache" in names else None
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             arguments = signature.bind(*args, **kwargs).arguments
             extra = arguments.get("kwargs", {})
             input_ids = arguments.get("input_ids")
@@ -151,10 +214,21 @@ class EngramRetrofit(nn.Module):
                     "an Engram-retrofitted model hashes input_ids (SPEC §2.3); it cannot run "
                     "from inputs_embeds alone"
                 )
-            cache = arguments.get("cache", arguments.get("past_key_values"))
-            if cache is None:
-                cache = extra.get("cache", extra.get("past_key_values"))
-            self.begin(input_ids, _cache_length(cache))
+            cache = arguments.get("cache", extra.get("cache"))
+            kwargs = dict(kwargs)
+            if "past_key_values" in kwargs:  # the name before transformers 5.40
+                cache = kwargs.pop("past_key_values")
+            use_cache = arguments.get("use_cache", extra.get("use_cache"))
+            if use_cache is None:
+                use_cache = getattr(config, "use_cache", False)
+            if cache is None and use_cache:  # the base model would make a plain DynamicCache
+                cache = _engram_cache(config)
+            if cache_at is not None and cache_at < len(args):  # passed positionally
+                args = (*args[:cache_at], cache, *args[cache_at + 1 :])
+            else:
+                kwargs["cache"] = cache
+            self.begin(input_ids, cache, arguments.get("attention_mask"))
+            return args, kwargs
 
         return hook
 
@@ -174,7 +248,6 @@ class EngramDecoderLayer(nn.Module):
         self.engram = engram
         self.layer_id = layer_id
         object.__setattr__(self, "_context", context)  # shared, not a submodule of this layer
-        self._conv_state: Tensor | None = None  # [B, D, (w-1)N] for decoding
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -193,9 +266,15 @@ class EngramDecoderLayer(nn.Module):
                 "so it has no hash ids; call the model (or its base model) with input_ids"
             )
         hidden = args[0] if args else kwargs.pop("hidden_states")  # [B, T, D]
-        state = self._conv_state if ctx.continuing else None
-        y, state = self.engram(hidden.unsqueeze(2), ctx.hash_ids[self.layer_id], state)
-        self._conv_state = state.detach()
+        cache = ctx.cache
+        state = cache.conv_states[self.layer_id] if ctx.continuing else None  # [B, D, (w-1)N]
+        # Left pads add nothing and enter the conv as zeros (RMSNorm(0) = 0), like its causal
+        # padding: as if the row began later.
+        y, state = self.engram(
+            hidden.unsqueeze(2), ctx.hash_ids[self.layer_id], state, mask=ctx.real_tokens
+        )
+        if cache is not None:
+            cache.conv_states[self.layer_id] = state.detach()
         hidden = hidden + y.squeeze(2)  # [B, T, D], before attention and FFN
         return self.layer(hidden, *args[1:], **kwargs)
 
@@ -261,14 +340,15 @@ def retrofit(
         nn.init.zeros_(engram.kv_proj.weight[engram.value_rows])  # Y = 0 at init: logits kept
         if engram.kv_proj.bias is not None:
             nn.init.zeros_(engram.kv_proj.bias[engram.value_rows])
-        engram.to(device=reference.device, dtype=reference.dtype)
+        _place(engram, reference.device, reference.dtype)
         layers[layer_id] = EngramDecoderLayer(layers[layer_id], engram, layer_id, context)
     model.engram_retrofit = context
     base = getattr(model, "base_model", model)
     base.register_forward_pre_hook(
-        context._pre_hook(inspect.signature(base.forward)), with_kwargs=True
+        context._pre_hook(inspect.signature(base.forward), model.config), with_kwargs=True
     )
     base.register_forward_hook(lambda module, args, output: context.end())
+    _generate_with_engram_cache(model)
     logger.info(
         "retrofitted Engram at layers %s of %s: %s parameters, V=%d -> V'=%d",
         engram_config.layer_ids,
@@ -278,6 +358,32 @@ def retrofit(
         vocab.num_compressed,
     )
     return model
+
+
+def _place(engram: Engram, device: torch.device, dtype: torch.dtype) -> None:
+    """Move Engram to the base model's device and dtype, except its table, which stays fp32
+    (see the module docstring); ``Engram.retrieve`` casts looked-up rows to the hidden dtype."""
+    engram.to(device=device)
+    table = {id(p) for p in engram.table.parameters()}
+    for p in engram.parameters():
+        if id(p) not in table and p.is_floating_point():
+            p.data = p.data.to(dtype)  # in place, as nn.Module.to does
+
+
+def _generate_with_engram_cache(model: nn.Module) -> None:
+    """Make ``model.generate`` build an EngramCache where it would build a DynamicCache, and mark
+    the model stateful (its Engram state cannot rewind: no assisted decoding)."""
+    default = model._prepare_cache_for_generation
+
+    def prepare(generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
+        dynamic = generation_config.cache_implementation in (None, "dynamic")
+        if model_kwargs.get("cache") is None and generation_config.use_cache and dynamic:
+            model_kwargs["cache"] = _engram_cache(model.config)
+            return None
+        return default(generation_config, model_kwargs, *args, **kwargs)
+
+    model._prepare_cache_for_generation = prepare
+    model._is_stateful = True
 
 
 def _context(model: nn.Module) -> EngramRetrofit:
