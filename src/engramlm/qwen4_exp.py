@@ -1,0 +1,269 @@
+"""Qwen4-Exp's PLE layers as engramlm :class:`~engramlm.engram.Engram` modules.
+
+transformers' ``qwen4_exp`` (Qwen3.8-Flash-Next) has "PLE" (per-layer embedding) layers that
+are an Engram variant. The facts, read from ``transformers/models/qwen4_exp`` and mapped onto
+:class:`~engramlm.config.EngramConfig` by :func:`engram_config`:
+
+- orders 2..``ngram_size``, ``heads_per_ngram`` heads each, raw token ids (no compression);
+  multipliers by SplitMix64 seeded ``seed + 10007 * i`` with ``i`` the layer's index among the
+  PLE layers (``multiplier_scheme="splitmix64"``, ``hash_layer_key="layer_index"``);
+- head sizes: the n-th prime >= ``ngram_vocab_size_base`` by a global head index, which is our
+  prime scheme with ``table_sizes = (base,) * (N-1)``; one table per layer, heads stacked,
+  padded to a multiple of ``make_ngram_vocab_size_divisible_by`` rows;
+- the n-gram history restarts after every EOS and is filled with EOS (``reset_token`` and
+  ``pad_id`` = EOS);
+- one key per hyper-connection stream (``hc_count``) and a shared value, no biases, group-wise
+  RMSNorms scaling by ``(1 + weight)`` (we store ``1 + weight``), eps ``rms_norm_eps``;
+- a zero-initialised depthwise short conv with dilation N, Y = U + SiLU(conv(norm(U)));
+- ``ple_layer_ids`` are 1-based; ours are 0-based.
+
+Decode state lives where transformers keeps it, in the model's own cache: conv state slot 1 of
+the PLE layer's linear-attention cache layer holds the short conv's last (w-1)N normalised
+inputs, slot 2 the last N-1 token ids. So beam reordering and batch expansion move it with the
+rest of the cache, and the cache refuses to crop, as it does for the unmodified model (its
+linear-attention layers carry recurrent states).
+
+:func:`install` puts :class:`Qwen4ExpPLE` modules into a loaded model;
+``engramlm.hf.load_offloaded`` builds the model, its table tier and calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from engramlm.config import EngramConfig
+from engramlm.engram import Engram, table_rows
+from engramlm.hashing import NgramHasher
+from engramlm.tables import Table
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("qwen4_exp", "qwen4_exp_text")
+CONV_STATE = 1  # cache conv-state slot of the PLE short conv (transformers' state_idx=1)
+NGRAM_STATE = 2  # cache conv-state slot of the last N-1 token ids (state_idx=2)
+# Checkpoint keys of a PLE layer: "<prefix>layers.<i>.ple.<rest>".
+PLE_KEY = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.ple\.(?P<rest>.+)$")
+TABLE_PART = re.compile(r"^ple_embedding\.ngram_embedding\.(?:shard_(?P<part>\d+)\.)?weight$")
+# The small weights of a PLE layer, by their name in the checkpoint.
+DENSE_WEIGHTS = ("key_proj.weight", "value_proj.weight", "norm_key.weight", "norm_query.weight")
+CONV_WEIGHTS = ("norm_conv.weight", "conv1d.weight")
+# Saved buffers that pin down the hash; checked against ours at load.
+HASH_BUFFERS = (
+    "ple_embedding.layer_multipliers",
+    "ple_embedding.ngram_heads_vocab_sizes",
+    "ple_embedding.ngram_heads_offsets",
+)
+
+
+def eos_id(text_config: Any) -> int:
+    """The EOS id Qwen4-Exp resets and fills the n-gram history with (the first of a list)."""
+    eos = text_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list | tuple) else eos
+    if eos is None:
+        raise ValueError("the Qwen4-Exp config has no eos_token_id; PLE layers need one")
+    return int(eos)
+
+
+def engram_config(text_config: Any) -> EngramConfig:
+    """The :class:`EngramConfig` of a ``Qwen4ExpTextConfig``'s PLE layers (see module doc)."""
+    N, K = text_config.ngram_size, text_config.heads_per_ngram
+    if not text_config.ple_layer_ids:
+        raise ValueError("the Qwen4-Exp config has no PLE layers (ple_layer_ids is empty)")
+    if text_config.ple_embed_dim % (N - 1):
+        raise ValueError(
+            f"ple_embed_dim={text_config.ple_embed_dim} must be divisible by ngram_size-1={N - 1}"
+        )
+    eos = eos_id(text_config)
+    return EngramConfig(
+        table_sizes=(text_config.ngram_vocab_size_base,) * (N - 1),
+        max_ngram=N,
+        heads_per_ngram=K,
+        embed_dim_per_ngram=text_config.ple_embed_dim // (N - 1),
+        layer_ids=tuple(i - 1 for i in text_config.ple_layer_ids),  # 1-based -> 0-based
+        pad_id=eos,
+        seed=text_config.seed,
+        kernel_size=text_config.ple_conv_kernel_size,
+        hc_mult=text_config.hc_count,
+        gate="signed_sqrt",
+        compress_tokens=False,
+        bias=False,
+        norm_eps=text_config.rms_norm_eps,
+        conv_norm_eps=text_config.rms_norm_eps,
+        multiplier_scheme="splitmix64",
+        hash_layer_key="layer_index",
+        reset_token=eos,
+        table_rows_multiple=text_config.make_ngram_vocab_size_divisible_by,
+    )
+
+
+def ngram_hasher(text_config: Any) -> NgramHasher:
+    """The hasher of every PLE layer: raw ids, EOS as filler and reset token."""
+    config = engram_config(text_config)
+    eos = eos_id(text_config)
+    return NgramHasher.from_config(
+        config, pad_id=eos, compressed_vocab_size=text_config.vocab_size, reset_id=eos
+    )
+
+
+def table_shapes(text_config: Any) -> dict[int, tuple[int, int]]:
+    """{0-based layer: [rows, head_dim]} of each PLE layer's n-gram table, from the config."""
+    config = engram_config(text_config)
+    hasher = ngram_hasher(text_config)
+    multiple = config.table_rows_multiple
+    return {
+        layer: (table_rows(hasher.moduli[layer], multiple), config.head_dim)
+        for layer in config.layer_ids
+    }
+
+
+def engram_weights(ple: Mapping[str, Tensor], hc_count: int, hidden_size: int) -> dict[str, Tensor]:
+    """A Qwen4-Exp PLE layer's small weights (checkpoint names) -> :class:`Engram`'s state dict.
+
+    ``kv_proj`` is the M keys then the value; a Qwen RMSNorm scales by ``1 + weight`` over
+    ``hc_count`` groups of ``hidden_size``, ours by ``weight`` per group: stored ``1 + w``.
+    """
+    missing = [k for k in (*DENSE_WEIGHTS, *CONV_WEIGHTS) if k not in ple]
+    if missing:
+        raise ValueError(f"PLE weights {missing} are missing")
+    M, D = hc_count, hidden_size
+
+    def norm(name: str) -> Tensor:
+        return 1.0 + ple[name].float().view(M, D)
+
+    return {
+        "kv_proj.weight": torch.cat([ple["key_proj.weight"], ple["value_proj.weight"]]),
+        "key_norm.weight": norm("norm_key.weight"),
+        "query_norm.weight": norm("norm_query.weight"),
+        "short_conv.norm.weight": norm("norm_conv.weight"),
+        "short_conv.weight": ple["conv1d.weight"],
+    }
+
+
+class Qwen4ExpPLE(nn.Module):
+    """Drop-in for a ``Qwen4ExpTextPLELayer``: engramlm's :class:`Engram` over any table tier.
+
+    Same call as the layer it replaces, ``(hidden_states [B, T, M*D], input_ids [B, T], cache,
+    conv_mask [B, T] | None) -> [B, T, M*D]``, same cache slots for its decode state.
+    """
+
+    def __init__(
+        self, text_config: Any, layer_idx: int, hasher: NgramHasher, table: Table | None = None
+    ) -> None:
+        super().__init__()
+        config = engram_config(text_config)
+        if layer_idx not in config.layer_ids:
+            raise ValueError(
+                f"decoder layer {layer_idx} (0-based) has no PLE; ple_layer_ids (1-based) are "
+                f"{list(text_config.ple_layer_ids)}"
+            )
+        self.layer_idx = layer_idx
+        self.hc_count, self.hidden_size = text_config.hc_count, text_config.hidden_size
+        self.eos = eos_id(text_config)
+        self.context_len = config.max_ngram - 1
+        self.hasher = hasher  # shared by every PLE layer of a model
+        self.engram = Engram(config, text_config.hidden_size, hasher.moduli[layer_idx], table)
+        assert self.engram.short_conv is not None  # Qwen4-Exp always has its short conv
+        self.conv_len = self.engram.short_conv.receptive_field
+
+    def hash_ids(self, input_ids: Tensor, history: Tensor | None) -> Tensor:
+        """[B, T] raw ids (+ the last N-1 before them) -> [B, T, H] head-local rows."""
+        return self.hasher(input_ids, self.layer_idx, prefix=history)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        input_ids: Tensor,
+        cache: Any = None,
+        conv_mask: Tensor | None = None,
+    ) -> Tensor:
+        B, T, _ = hidden_states.shape
+        ids = input_ids.long()
+        history = cache.get_conv_state(self.layer_idx, NGRAM_STATE) if cache is not None else None
+        hash_ids = self.hash_ids(ids, history)  # [B, T, H]
+        if cache is not None:
+            if history is None and T < self.context_len:  # the cache would pad with 0, not EOS
+                ids = nn.functional.pad(ids, (self.context_len - T, 0), value=self.eos)
+            cache.update_conv_state(
+                ids, self.layer_idx, state_idx=NGRAM_STATE, conv_kernel_size=self.context_len
+            )
+        state = cache.get_conv_state(self.layer_idx, CONV_STATE) if cache is not None else None
+        hidden = hidden_states.unflatten(-1, (self.hc_count, self.hidden_size))  # [B, T, M, D]
+        mask = conv_mask.bool() if conv_mask is not None else None
+        y, state = self.engram(
+            hidden, hash_ids, None if state is None else state[..., -self.conv_len :], mask
+        )
+        if cache is not None:  # the new columns: the cache appends them to what it holds
+            cache.update_conv_state(
+                state[..., -min(T, self.conv_len) :],
+                self.layer_idx,
+                state_idx=CONV_STATE,
+                conv_kernel_size=self.conv_len,
+            )
+        return y.flatten(-2)  # [B, T, M*D]
+
+
+def from_transformers_layer(
+    layer: nn.Module, text_config: Any, table: Table | None = None
+) -> Qwen4ExpPLE:
+    """A :class:`Qwen4ExpPLE` with the weights of a ``Qwen4ExpTextPLELayer`` (tables copied
+    into a new in-memory table unless ``table`` is given)."""
+    ours = Qwen4ExpPLE(text_config, layer.layer_idx, ngram_hasher(text_config), table)
+    state = {k: v.detach() for k, v in layer.state_dict().items()}
+    ours.engram.load_state_dict(
+        engram_weights(state, text_config.hc_count, text_config.hidden_size), strict=False
+    )
+    if table is None:
+        weight = layer.ple_embedding.ngram_embedding.weight.detach()
+        ours.engram.table.weight.data.copy_(weight)
+    return ours.to(layer.key_proj.weight.dtype)
+
+
+def prefetch_hook(modules: list[Qwen4ExpPLE]) -> Any:
+    """A forward pre-hook for the text model: as soon as its ids are known, every PLE layer's
+    table starts gathering the rows the layer will look up (a hint: a miss is only slower)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("ple_input_ids")
+        if ids is None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, Tensor) or not modules:
+            return
+        ids = ids.long()
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 2 and ids.shape[1] > 1:
+            ids = torch.where(mask[:, -ids.shape[1] :].bool(), ids, modules[0].eos)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        with torch.no_grad():
+            for ple in modules:
+                history = None
+                if cache is not None and hasattr(cache, "get_conv_state"):
+                    history = cache.get_conv_state(ple.layer_idx, NGRAM_STATE)
+                ple.engram.prefetch(ple.hash_ids(ids, history))
+
+    return hook
+
+
+def install(model: nn.Module, modules: dict[int, Qwen4ExpPLE]) -> None:
+    """Put ``modules`` ({0-based layer: PLE}) into a Qwen4-Exp model's decoder layers, and the
+    prefetch hook onto its text model."""
+    text_model = text_model_of(model)
+    for layer_idx, ple in modules.items():
+        decoder = text_model.layers[layer_idx]
+        device = next(decoder.parameters()).device
+        decoder.ple = ple.to(device)
+    text_model.register_forward_pre_hook(prefetch_hook(list(modules.values())), with_kwargs=True)
+
+
+def text_model_of(model: nn.Module) -> nn.Module:
+    """The ``Qwen4ExpTextModel`` inside a causal-LM or conditional-generation model."""
+    inner = model.model if hasattr(model, "model") else model
+    inner = getattr(inner, "language_model", inner)
+    if not hasattr(inner, "layers"):
+        raise TypeError(f"{type(model).__name__} has no Qwen4-Exp text model with .layers")
+    return inner

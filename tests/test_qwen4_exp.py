@@ -1,0 +1,163 @@
+"""Qwen4-Exp's PLE layers on engramlm, against transformers' own Qwen4-Exp (another code base).
+
+Tiny random models from transformers' config classes, every PLE weight randomised (transformers
+initialises the conv and the norms at zero, which would hide their mapping), saved with
+``save_pretrained`` and loaded back with ``engramlm.hf.load_offloaded``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers", reason="the [hf] extra (transformers) is not installed"
+)
+qwen = pytest.importorskip(
+    "transformers.models.qwen4_exp.modeling_qwen4_exp",
+    reason="this transformers has no qwen4_exp (needs >= 5.24)",
+)
+
+from engramlm import qwen4_exp  # noqa: E402
+from engramlm.engram import head_offsets  # noqa: E402
+
+EOS = 5
+VOCAB = 96
+
+
+def tiny_config(**overrides):
+    """Four decoder layers (three linear attention, one indexed), PLE on layers 1 and 3 (1-based),
+    two hyper-connection streams, N = 3, K = 2, tables of ~4k rows in 3 checkpoint parts."""
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        hc_count=2,
+        hc_lowrank=8,
+        ple_layer_ids=[1, 3],
+        ngram_size=3,
+        heads_per_ngram=2,
+        ple_embed_dim=16,
+        ngram_vocab_size_base=1000,
+        make_ngram_vocab_size_divisible_by=128,
+        split_ngram_parts=3,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        seed=1234,
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=8,
+        indexer_compress_ratio=4,
+    )
+    fields.update(overrides)
+    return transformers.Qwen4ExpTextConfig(**fields)
+
+
+@torch.no_grad()
+def randomise_ple(model) -> None:
+    """Every PLE weight random; the LM head sharpened so argmax is not decided by rounding."""
+    for module in model.modules():
+        if isinstance(module, qwen.Qwen4ExpTextPLELayer):
+            for name, p in module.named_parameters():
+                std = 1.0 if "ngram_embedding" in name else 0.3
+                p.normal_(0.0, std)
+    model.lm_head.weight.mul_(8.0)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = transformers.Qwen4ExpForCausalLM(tiny_config(**overrides)).eval()
+    randomise_ple(model)
+    return model
+
+
+def ple_layers(model) -> list:
+    return [layer.ple for layer in model.model.layers if layer.ple is not None]
+
+
+def ids_with_eos(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    """Random ids with EOS at a few places (one right at the start of row 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, VOCAB, (batch, length), generator=g)
+    ids[0, 0] = EOS
+    ids[:, length // 2] = EOS
+    ids[-1, length - 2] = EOS
+    return ids
+
+
+# --- the variant's constants against transformers' ---------------------------------------------
+
+
+def test_head_primes_offsets_and_rows_match_transformers() -> None:
+    model = tiny_model()
+    hasher = qwen4_exp.ngram_hasher(model.config)
+    shapes = qwen4_exp.table_shapes(model.config)
+    for ple in ple_layers(model):
+        emb = ple.ple_embedding
+        assert (
+            list(hasher.moduli[ple.layer_idx]),
+            head_offsets(hasher.moduli[ple.layer_idx]).tolist(),
+            shapes[ple.layer_idx],
+            getattr(hasher, f"mult_{ple.layer_idx}").tolist(),
+        ) == (
+            emb.head_vocab_sizes,
+            emb.head_offsets,
+            tuple(emb.ngram_embedding.weight.shape),
+            emb.layer_multipliers.tolist(),
+        )
+
+
+@pytest.mark.parametrize("with_history", [False, True])
+def test_retrieved_rows_match_transformers_ngram_embedding(with_history: bool) -> None:
+    """Hash ids, EOS resets and the history kept in the cache give the rows transformers
+    looks up: prompts with EOS at the start, in the middle and near the end."""
+    model = tiny_model()
+    ids = ids_with_eos(3, 11)
+    for layer in ple_layers(model):
+        ours = qwen4_exp.from_transformers_layer(layer, model.config)
+        history = None
+        cache = None
+        if with_history:
+            history = torch.tensor([[7, EOS], [EOS, 9], [11, 12]])
+            cache = transformers.DynamicCache(config=model.config)
+            cache.update_conv_state(history, layer.layer_idx, state_idx=2, conv_kernel_size=2)
+        theirs = layer.ple_embedding(ids, cache)  # [B, T, E]
+        mine = ours.engram.retrieve(ours.hash_ids(ids, history))
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_engram_from_a_ple_layer_returns_that_layers_output() -> None:
+    """engramlm's Engram built from one Qwen4ExpTextPLELayer's weights: same output, fp32,
+    with a padding mask (transformers' conv_mask)."""
+    model = tiny_model()
+    B, T, M, D = 3, 13, model.config.hc_count, model.config.hidden_size
+    ids = ids_with_eos(B, T)
+    hidden = torch.randn(B, T, M * D)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    for layer in ple_layers(model):
+        ours = qwen4_exp.from_transformers_layer(layer, model.config)
+        with torch.no_grad():
+            for conv_mask in (None, mask):
+                theirs = layer(hidden, ids, None, conv_mask=conv_mask)
+                mine = ours(hidden, ids, None, conv_mask=conv_mask)
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_engram_config_round_trips_through_dict() -> None:
+    config = qwen4_exp.engram_config(tiny_config())
+    assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
