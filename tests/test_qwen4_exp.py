@@ -161,3 +161,87 @@ def test_engram_from_a_ple_layer_returns_that_layers_output() -> None:
 def test_engram_config_round_trips_through_dict() -> None:
     config = qwen4_exp.engram_config(tiny_config())
     assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+# --- load_offloaded: the whole model against transformers' ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(transformers' model, its folder): save_pretrained in small shards, tables split in 3."""
+    model = tiny_model()
+    folder = tmp_path_factory.mktemp("qwen4_exp") / "model"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    return model, folder
+
+
+def offloaded(folder: Path, tier: str, table_dir: Path | None):
+    from engramlm.hf import load_offloaded
+
+    return load_offloaded(folder, engram_tables=tier, table_dir=table_dir)
+
+
+@pytest.mark.parametrize("tier", ["disk", "host"])
+def test_offloaded_logits_equal_transformers(saved, tmp_path: Path, tier: str) -> None:
+    model, folder = saved
+    ours = offloaded(folder, tier, tmp_path / "tier" if tier == "disk" else None)
+    assert type(ours) is type(model)
+    ids = ids_with_eos(3, 17)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in one row
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            theirs = model(ids, attention_mask=attention_mask).logits
+            mine = ours(ids, attention_mask=attention_mask).logits
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_offloaded_model_holds_no_ngram_table_in_memory(saved, tmp_path: Path) -> None:
+    """Every PLE layer is engramlm's, over a disk table; no parameter of the model is an
+    n-gram table (they never enter process memory whole)."""
+    from engramlm.tables import OffloadedTable
+    from engramlm.tables.disk import DiskStore
+
+    model, folder = saved
+    ours = offloaded(folder, "disk", tmp_path / "tier")
+    ples = [layer.ple for layer in ours.model.layers if layer.ple is not None]
+    biggest = max(p.numel() for p in ours.parameters())
+    table_rows = min(ple.engram.table.num_rows for ple in ples)
+    assert (
+        [type(p) for p in ples],
+        [type(p.engram.table) for p in ples],
+        [type(p.engram.table.weight_store) for p in ples],
+        biggest < table_rows * 4,
+    ) == ([qwen4_exp.Qwen4ExpPLE] * 2, [OffloadedTable] * 2, [DiskStore] * 2, True)
+
+
+def test_forward_prefetches_every_ple_lookup(saved, tmp_path: Path) -> None:
+    """The rows of every PLE layer are requested as soon as the ids are known: each lookup is
+    served by its prefetch."""
+    _, folder = saved
+    ours = offloaded(folder, "disk", tmp_path / "tier")
+    with torch.no_grad():
+        ours(ids_with_eos(2, 9))
+    tables = [layer.ple.engram.table for layer in ours.model.layers if layer.ple is not None]
+    assert [(t.prefetch_hits, t.prefetch_misses) for t in tables] == [(1, 0), (1, 0)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(do_sample=False),
+        dict(do_sample=False, num_beams=3, num_return_sequences=2),
+    ],
+    ids=["greedy", "beam"],
+)
+def test_generate_gives_transformers_tokens(saved, tmp_path: Path, kwargs: dict) -> None:
+    """Prefill then cached decoding, a batch of two prompts with EOS inside, greedy and beam
+    search (its reordering and batch expansion move the PLE state in the cache)."""
+    model, folder = saved
+    ours = offloaded(folder, "disk", tmp_path / "tier")
+    ids = ids_with_eos(2, 8, seed=3)
+    args = dict(max_new_tokens=12, min_new_tokens=12, pad_token_id=EOS, **kwargs)
+    with torch.no_grad():
+        theirs = model.generate(ids, **args)
+        mine = ours.generate(ids, **args)
+    assert mine.tolist() == theirs.tolist()

@@ -655,5 +655,76 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str])
     return Path(out_dir)
 
 
+# --------------------------------------------------------------------------------------------
+# Released models with hashed n-gram tables, served from a table tier
+# --------------------------------------------------------------------------------------------
+
+# model_type in config.json -> the module whose ``load`` serves it.
+OFFLOADED_MODEL_TYPES = {"qwen4_exp": "engramlm.qwen4_exp", "qwen4_exp_text": "engramlm.qwen4_exp"}
+
+
+def load_offloaded(
+    model_dir: str | os.PathLike[str],
+    *,
+    engram_tables: Literal["host", "disk"] = "disk",
+    table_dir: str | os.PathLike[str] | None = None,
+    cache_rows: int | None = None,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """The transformers model of a local folder, its hashed n-gram tables served by an
+    engramlm table tier and its n-gram layers computed by engramlm's :class:`Engram`.
+
+    Supported: Qwen4-Exp (``qwen4_exp``, ``qwen4_exp_text``; its PLE layers, see
+    :mod:`engramlm.qwen4_exp`) - the model is transformers' own class, e.g.
+    ``Qwen4ExpForCausalLM``, with the same outputs - and engramlm's own folders
+    (``EngramForCausalLM``, :meth:`EngramForCausalLM.from_pretrained`). Another model type is a
+    ``ValueError`` naming the supported ones.
+
+    ``engram_tables="host"``: rows in RAM (float32), streamed from the shards at each load;
+    ``"disk"``: rows in files under ``table_dir`` (default
+    :func:`engramlm.table_io.default_table_dir`), built on the first load - atomically,
+    fingerprinted with the tables' shapes, dtype and source files - and reused by later loads
+    of the same folder; a tier built from anything else is refused with the reason.
+    ``cache_rows``: the disk tier's RAM cache, rows per table. Rows go from the checkpoint's
+    safetensors shards to the tier in chunks: no table is ever whole in memory. Lookups are
+    prefetched as soon as a forward's ids are known. Other keyword arguments go to
+    ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    import importlib
+
+    directory = Path(model_dir)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a model folder")
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    supported = sorted([*OFFLOADED_MODEL_TYPES, EngramHFConfig.model_type])
+    if model_type == EngramHFConfig.model_type:
+        return _load_engramlm_offloaded(
+            directory, engram_tables, table_dir, cache_rows, **from_pretrained_kwargs
+        )
+    if model_type not in OFFLOADED_MODEL_TYPES:
+        raise ValueError(
+            f"{directory} is a {model_type!r} model, which has no hashed n-gram tables that "
+            f"engramlm serves; supported model types: {supported}"
+        )
+    module = importlib.import_module(OFFLOADED_MODEL_TYPES[model_type])
+    return module.load(
+        directory,
+        engram_tables=engram_tables,
+        table_dir=table_dir,
+        cache_rows=cache_rows,
+        **from_pretrained_kwargs,
+    )
+
+
+def _load_engramlm_offloaded(
+    directory: Path,
+    engram_tables: str,
+    table_dir: str | os.PathLike[str] | None,
+    cache_rows: int | None,
+    **kwargs: Any,
+) -> EngramForCausalLM:
+    raise NotImplementedError("engramlm folders: not yet")
+
+
 AutoConfig.register(EngramHFConfig.model_type, EngramHFConfig, exist_ok=True)
 AutoModelForCausalLM.register(EngramHFConfig, EngramForCausalLM, exist_ok=True)

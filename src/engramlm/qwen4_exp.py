@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from engramlm.config import EngramConfig
-from engramlm.engram import Engram, table_rows
+from engramlm.engram import Engram, head_offsets, table_rows
 from engramlm.hashing import NgramHasher
 from engramlm.tables import Table
 
@@ -267,3 +267,167 @@ def text_model_of(model: nn.Module) -> nn.Module:
     if not hasattr(inner, "layers"):
         raise TypeError(f"{type(model).__name__} has no Qwen4-Exp text model with .layers")
     return inner
+
+
+def table_sources(
+    model_dir: Any, text_config: Any, tensors: dict[str, tuple[Any, list[int], str]]
+) -> list[Any]:
+    """Each PLE layer's table in the checkpoint, as a :class:`~engramlm.table_io.TableSource`
+    named ``ple_layer<i>`` (0-based): its ``shard_<j>`` parts in order, or one tensor."""
+    from engramlm.table_io import TableSource
+
+    parts: dict[int, list[tuple[int, Any, str]]] = {}
+    for key, (path, _, _) in tensors.items():
+        m = PLE_KEY.match(key)
+        part = TABLE_PART.match(m["rest"]) if m else None
+        if m and part:
+            index = int(part["part"]) if part["part"] is not None else 0
+            parts.setdefault(int(m["layer"]), []).append((index, path, key))
+    shapes = table_shapes(text_config)
+    if sorted(parts) != sorted(shapes):
+        raise ValueError(
+            f"{model_dir}: the checkpoint has n-gram tables for layers {sorted(parts)} "
+            f"(0-based), config.json's ple_layer_ids need {sorted(shapes)}"
+        )
+    sources = []
+    for layer, (rows, dim) in shapes.items():
+        found = sorted(parts[layer])
+        indices = [i for i, _, _ in found]
+        if indices != list(range(len(found))):
+            raise ValueError(
+                f"{model_dir}: layer {layer}'s n-gram table parts are {indices}, not 0..n-1: "
+                "a part (checkpoint shard) is missing"
+            )
+        sources.append(
+            TableSource(f"ple_layer{layer}", tuple((p, k) for _, p, k in found), rows, dim)
+        )
+    return sources
+
+
+def _layer_tensors(
+    tensors: dict[str, tuple[Any, list[int], str]], layer: int, names: tuple[str, ...]
+) -> dict[str, Tensor]:
+    """{name: tensor} of PLE layer ``layer``'s small tensors (names after ``ple.``), read from
+    their shards; ``ValueError`` naming any that is missing."""
+    from safetensors import safe_open
+
+    keys = {}
+    for key in tensors:
+        m = PLE_KEY.match(key)
+        if m and int(m["layer"]) == layer and m["rest"] in names:
+            keys[m["rest"]] = key
+    missing = sorted(set(names) - set(keys))
+    if missing:
+        raise ValueError(f"the checkpoint lacks layer {layer}'s PLE tensors {missing}")
+    out = {}
+    for name, key in keys.items():
+        with safe_open(str(tensors[key][0]), framework="pt") as f:
+            out[name] = f.get_tensor(key)
+    return out
+
+
+def load(
+    model_dir: Any,
+    *,
+    engram_tables: str,
+    table_dir: Any = None,
+    cache_rows: int | None = None,
+    **from_pretrained_kwargs: Any,
+) -> nn.Module:
+    """A Qwen4-Exp folder's transformers model, its PLE layers replaced by :class:`Qwen4ExpPLE`
+    over a table tier (``engramlm.hf.load_offloaded`` documents the arguments).
+
+    transformers builds and loads the model with ``ple_layer_ids`` emptied, so it never
+    allocates nor reads the n-gram tables (their keys are left unmatched, unread); the PLE
+    layers and the config's ``ple_layer_ids`` are put back afterwards.
+    """
+    import copy
+
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engramlm.table_io import checkpoint_tensors, load_table_tier
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config()
+    if not text.ple_layer_ids:
+        raise ValueError(
+            f"{model_dir} is a Qwen4-Exp model without PLE layers (ple_layer_ids is empty): it "
+            "has no n-gram tables to offload; load it with AutoModelForCausalLM.from_pretrained"
+        )
+    engram = engram_config(text)
+    tensors = checkpoint_tensors(model_dir)  # every shard present and complete
+    sources = table_sources(model_dir, text, tensors)
+    hasher = ngram_hasher(text)
+    for layer in engram.layer_ids:
+        saved = _layer_tensors(tensors, layer, HASH_BUFFERS) if _has(tensors, layer) else {}
+        _check_hash(layer, saved, hasher)
+    tables = load_table_tier(
+        model_dir,
+        sources,
+        kind=engram_tables,
+        table_dir=table_dir,
+        cache_rows=cache_rows,
+        identity={"model_type": text.model_type, "engram": engram.to_dict()},
+    )
+    without_ple = copy.deepcopy(config)
+    without_ple.get_text_config().ple_layer_ids = []
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the unread PLE keys would be listed one by one
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_dir, config=without_ple, output_loading_info=True, **from_pretrained_kwargs
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if info["missing_keys"] or info.get("mismatched_keys"):
+        raise ValueError(
+            f"{model_dir}: weights missing from the checkpoint {sorted(info['missing_keys'])[:8]}"
+            f", mismatched {sorted(info.get('mismatched_keys') or [])[:8]}"
+        )
+    unread = [k for k in info["unexpected_keys"] if ".ple." not in k]
+    if unread:
+        logger.warning("%s: checkpoint tensors the model does not use: %s", model_dir, unread[:8])
+    model.config.get_text_config().ple_layer_ids = list(text.ple_layer_ids)
+    dtype = model.get_input_embeddings().weight.dtype
+    modules = {}
+    for layer in engram.layer_ids:
+        ple = Qwen4ExpPLE(text, layer, hasher, tables[f"ple_layer{layer}"])
+        small = _layer_tensors(tensors, layer, DENSE_WEIGHTS + CONV_WEIGHTS)
+        with torch.no_grad():
+            for name, value in engram_weights(small, text.hc_count, text.hidden_size).items():
+                param = ple.engram.get_parameter(name)
+                if param.shape != value.shape:
+                    raise ValueError(
+                        f"layer {layer}'s PLE weight for {name} is {list(value.shape)}, the "
+                        f"config implies {list(param.shape)}"
+                    )
+                param.copy_(value)
+        modules[layer] = ple.to(dtype).eval()
+    install(model, modules)
+    model.eval()
+    return model
+
+
+def _has(tensors: dict[str, Any], layer: int) -> bool:
+    """Whether the checkpoint saved layer ``layer``'s hash buffers (transformers does)."""
+    return any(
+        (m := PLE_KEY.match(k)) and int(m["layer"]) == layer and m["rest"] in HASH_BUFFERS
+        for k in tensors
+    )
+
+
+def _check_hash(layer: int, saved: dict[str, Tensor], hasher: NgramHasher) -> None:
+    """Refuse a checkpoint whose saved hash constants differ from those its config implies."""
+    ours = {
+        "ple_embedding.layer_multipliers": getattr(hasher, f"mult_{layer}").tolist(),
+        "ple_embedding.ngram_heads_vocab_sizes": list(hasher.moduli[layer]),
+        "ple_embedding.ngram_heads_offsets": head_offsets(hasher.moduli[layer]).tolist(),
+    }
+    for name, value in saved.items():
+        if value.tolist() != ours[name]:
+            raise ValueError(
+                f"layer {layer}'s saved {name} {value.tolist()[:4]}... differ from the ones "
+                f"config.json implies {ours[name][:4]}...: the rows would be read at the wrong "
+                "addresses (seed, vocab_size, ngram_vocab_size_base or ple_layer_ids changed?)"
+            )
