@@ -7,7 +7,11 @@ initialises the conv and the norms at zero, which would hide their mapping), sav
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,10 +179,26 @@ def saved(tmp_path_factory):
     return model, folder
 
 
+@pytest.fixture(autouse=True)
+def _close_loaded_tables():
+    """Models loaded by a test release their disk tiers at its end (files are locked while
+    open, so a later load of the same tier would be refused)."""
+    yield
+    from engramlm.hf import close_tables
+
+    while LOADED:
+        close_tables(LOADED.pop())
+
+
+LOADED: list = []
+
+
 def offloaded(folder: Path, tier: str, table_dir: Path | None):
     from engramlm.hf import load_offloaded
 
-    return load_offloaded(folder, engram_tables=tier, table_dir=table_dir)
+    model = load_offloaded(folder, engram_tables=tier, table_dir=table_dir)
+    LOADED.append(model)
+    return model
 
 
 @pytest.mark.parametrize("tier", ["disk", "host"])
@@ -231,8 +251,9 @@ def test_forward_prefetches_every_ple_lookup(saved, tmp_path: Path) -> None:
     [
         dict(do_sample=False),
         dict(do_sample=False, num_beams=3, num_return_sequences=2),
+        dict(do_sample=False, left_padding=3),
     ],
-    ids=["greedy", "beam"],
+    ids=["greedy", "beam", "greedy-left-padded"],
 )
 def test_generate_gives_transformers_tokens(saved, tmp_path: Path, kwargs: dict) -> None:
     """Prefill then cached decoding, a batch of two prompts with EOS inside, greedy and beam
@@ -241,7 +262,155 @@ def test_generate_gives_transformers_tokens(saved, tmp_path: Path, kwargs: dict)
     ours = offloaded(folder, "disk", tmp_path / "tier")
     ids = ids_with_eos(2, 8, seed=3)
     args = dict(max_new_tokens=12, min_new_tokens=12, pad_token_id=EOS, **kwargs)
+    pad = args.pop("left_padding", 0)
+    if pad:
+        mask = torch.ones_like(ids)
+        ids[1, :pad], mask[1, :pad] = EOS, 0
+        args["attention_mask"] = mask
     with torch.no_grad():
         theirs = model.generate(ids, **args)
         mine = ours.generate(ids, **args)
     assert mine.tolist() == theirs.tolist()
+
+
+def test_decode_state_sits_in_transformers_cache_slots(saved, tmp_path: Path) -> None:
+    """After a prefill, the PLE layers' conv states and n-gram histories in the generation cache
+    equal transformers' own (same slots, same layout), so the cache's beam reordering, batch
+    expansion and (refused) cropping treat them alike."""
+    model, folder = saved
+    ours = offloaded(folder, "disk", tmp_path / "tier")
+    ids = ids_with_eos(2, 10)
+    with torch.no_grad():
+        theirs = model(ids, use_cache=True).cache
+        mine = ours(ids, use_cache=True).cache
+    for layer in (0, 2):
+        for slot in (1, 2):
+            torch.testing.assert_close(
+                mine.get_conv_state(layer, slot), theirs.get_conv_state(layer, slot)
+            )
+    assert mine.is_croppable == theirs.is_croppable
+
+
+# --- the disk tier: reuse, refusal, atomic builds --------------------------------------------
+
+
+def test_second_load_reuses_the_disk_tier(saved, tmp_path: Path) -> None:
+    _, folder = saved
+    from engramlm.hf import close_tables
+
+    close_tables(offloaded(folder, "disk", tmp_path / "tier"))
+    files = sorted((tmp_path / "tier").rglob("*.engt"))
+    before = [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
+    offloaded(folder, "disk", tmp_path / "tier")
+    assert [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files] == before
+
+
+def test_a_tier_built_from_another_model_is_refused(saved, tmp_path: Path) -> None:
+    from engramlm.hf import close_tables
+
+    _, folder = saved
+    other = tmp_path / "other"
+    tiny_model(seed=1).save_pretrained(other)  # same shapes, other rows and files
+    close_tables(offloaded(other, "disk", tmp_path / "tier"))
+    with pytest.raises(ValueError, match=r"(?s)built from other tables.*parts.*bytes"):
+        offloaded(folder, "disk", tmp_path / "tier")
+
+
+def test_a_folder_without_manifest_is_not_used_as_tier(saved, tmp_path: Path) -> None:
+    _, folder = saved
+    (tmp_path / "tier").mkdir()
+    with pytest.raises(ValueError, match="not a complete engramlm table tier"):
+        offloaded(folder, "disk", tmp_path / "tier")
+
+
+def test_full_disk_while_writing_leaves_no_tier(saved, tmp_path: Path, monkeypatch) -> None:
+    """ENOSPC halfway through the rows: a clear error, the half-written tier removed; the next
+    load builds a complete one."""
+    from engramlm.tables import disk
+
+    _, folder = saved
+    write = disk._write_all
+    calls = []
+
+    def full_disk(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 3:  # header of table 1, its rows, header of table 2: then full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(fd, data, offset)
+
+    monkeypatch.setattr(disk, "_write_all", full_disk)
+    with pytest.raises(OSError, match="disk full while writing the table tier"):
+        offloaded(folder, "disk", tmp_path / "tier")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(disk, "_write_all", write)
+    offloaded(folder, "disk", tmp_path / "tier")
+    assert (tmp_path / "tier" / "tier.json").is_file()
+
+
+# --- bad folders -------------------------------------------------------------------------------
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(folder, out)
+    return out
+
+
+def table_shard(folder: Path) -> Path:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    return folder / index["model.layers.2.ple.ple_embedding.ngram_embedding.shard_1.weight"]
+
+
+def test_missing_shard_is_named(saved, tmp_path: Path) -> None:
+    folder = copy_of(saved[1], tmp_path)
+    shard = table_shard(folder)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shard.name} is missing"):
+        offloaded(folder, "disk", tmp_path / "tier")
+    assert not (tmp_path / "tier").exists()
+
+
+def test_truncated_shard_is_named(saved, tmp_path: Path) -> None:
+    folder = copy_of(saved[1], tmp_path)
+    shard = table_shard(folder)
+    os.truncate(shard, shard.stat().st_size - 100)
+    with pytest.raises(ValueError, match=f"{shard.name} is truncated"):
+        offloaded(folder, "host", None)
+
+
+def test_table_shape_disagreeing_with_config_is_refused(saved, tmp_path: Path) -> None:
+    folder = copy_of(saved[1], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["make_ngram_vocab_size_divisible_by"] = 1000  # padded rows 4096 -> 5000
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"table ple_layer0 is \[4096, 4\].*config says \[5000, 4\]"
+    ):
+        offloaded(folder, "disk", tmp_path / "tier")
+
+
+def test_hash_constants_disagreeing_with_config_are_refused(saved, tmp_path: Path) -> None:
+    folder = copy_of(saved[1], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["seed"] = 99
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="layer_multipliers.*wrong addresses"):
+        offloaded(folder, "disk", tmp_path / "tier")
+
+
+def test_model_type_without_ngram_tables_is_refused(tmp_path: Path) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"'llama' model.*supported model types.*qwen4_exp"):
+        offloaded(tmp_path / "llama", "disk", tmp_path / "tier")
+
+
+def test_unknown_tier_is_refused(saved) -> None:
+    with pytest.raises(ValueError, match="engram_tables must be 'host' or 'disk'"):
+        offloaded(saved[1], "gpu", None)

@@ -716,6 +716,14 @@ def load_offloaded(
     )
 
 
+def close_tables(model: nn.Module) -> None:
+    """Flush and release every offloaded table of a model (disk files unlock, so another model
+    may open the same tier); idempotent. The model cannot look rows up afterwards."""
+    for module in model.modules():
+        if isinstance(module, OffloadedTable):
+            module.close()
+
+
 def _load_engramlm_offloaded(
     directory: Path,
     engram_tables: str,

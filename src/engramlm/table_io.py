@@ -312,7 +312,7 @@ def source_dtype(source: TableSource) -> str:
     dims = {s[1] if len(s) == 2 else None for s in shapes}
     if dims != {source.dim} or rows != source.num_rows:
         raise ValueError(
-            f"table {source.name} is {[rows, *sorted(map(str, dims))]} in the checkpoint "
+            f"table {source.name} is [{rows}, {', '.join(map(str, dims))}] in the checkpoint "
             f"({len(shapes)} parts), the config says [{source.num_rows}, {source.dim}]: the "
             "checkpoint and config.json disagree (a config edited or from another model?)"
         )
@@ -357,10 +357,14 @@ def source_fingerprint(sources: list[TableSource], dtype: str) -> dict[str, Any]
         "tables": {
             s.name: {
                 "shape": [s.num_rows, s.dim],
-                "parts": [
-                    [path.name, key, path.stat().st_size, path.stat().st_mtime_ns]
+                "parts": {
+                    key: {
+                        "file": path.name,
+                        "bytes": path.stat().st_size,
+                        "mtime_ns": path.stat().st_mtime_ns,
+                    }
                     for path, key in s.parts
-                ],
+                },
             }
             for s in sources
         },
