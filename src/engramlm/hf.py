@@ -496,14 +496,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(config, EngramHFConfig):
             raise TypeError(f"config must be an EngramHFConfig, got {type(config).__name__}")
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
-        vocab = CompressedVocab.load(directory / VOCAB_FILE)
-        vocab.check_tokenizer(tokenizer)
-        if config.tokenizer_fingerprint != vocab.fingerprint:
-            raise TokenizerMismatchError(
-                f"config.json names tokenizer {config.tokenizer_fingerprint}, but "
-                f"{VOCAB_FILE} and the tokenizer are {vocab.fingerprint}"
-            )
+        tokenizer, vocab = _checked_tokenizer(directory, config)
 
         if engram_tables == "memory":
             plan = None
@@ -532,6 +525,22 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         model.name_or_path = config.name_or_path = str(pretrained_model_name_or_path)
         model.eval()
         return model
+
+
+def _checked_tokenizer(
+    directory: Path, config: EngramHFConfig
+) -> tuple[PreTrainedTokenizerFast, CompressedVocab]:
+    """The folder's tokenizer and compressed vocabulary, checked to share the config's
+    fingerprint (``TokenizerMismatchError`` otherwise)."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    vocab = CompressedVocab.load(directory / VOCAB_FILE)
+    vocab.check_tokenizer(tokenizer)
+    if config.tokenizer_fingerprint != vocab.fingerprint:
+        raise TokenizerMismatchError(
+            f"config.json names tokenizer {config.tokenizer_fingerprint}, but "
+            f"{VOCAB_FILE} and the tokenizer are {vocab.fingerprint}"
+        )
+    return tokenizer, vocab
 
 
 def _check_unpadded(attention_mask: Tensor | None, batch: int, length: int) -> None:
@@ -731,7 +740,72 @@ def _load_engramlm_offloaded(
     cache_rows: int | None,
     **kwargs: Any,
 ) -> EngramForCausalLM:
-    raise NotImplementedError("engramlm folders: not yet")
+    """:func:`load_offloaded` for engramlm's own folders: the tables of
+    ``engram_tables-layer{L}.safetensors`` on a host or disk tier, the rest as
+    :meth:`EngramForCausalLM.from_pretrained` loads it."""
+    from engramlm.table_io import TableSource, load_table_tier
+    from engramlm.tables import DeviceTable
+
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+    device_map = kwargs.pop("device_map", None)
+    unknown = sorted(set(kwargs) - _IGNORED_LOAD_KWARGS)
+    if unknown:
+        raise TypeError(f"load_offloaded got unsupported arguments {unknown} for {directory}")
+    config = EngramHFConfig.from_pretrained(directory)
+    model_config = config.to_model_config()
+    if model_config.engram is None or model_config.overencoding is not None:
+        raise ValueError(
+            f"{directory}: load_offloaded serves Engram tables; this model has "
+            f"{'none' if model_config.engram is None else 'an Over-Encoding table too'}: load "
+            "it with EngramForCausalLM.from_pretrained"
+        )
+    tokenizer, vocab = _checked_tokenizer(directory, config)
+    # Built on the meta device: no table (nor weight) is allocated. The tables are swapped for
+    # one-row stand-ins while init_weights restores the buffers that are not in the checkpoint
+    # (it would otherwise reset the served rows), then for the tier's tables.
+    with torch.device("meta"):
+        model = EngramForCausalLM(config, compressed_vocab=vocab, tokenizer=tokenizer)
+    engrams = {b.layer_id: b.engram for b in model.model.layers if b.engram is not None}
+    sources = [
+        TableSource(
+            f"engram_layer{layer}",
+            ((directory / TABLE_FILE.format(layer=layer), TABLE_KEY),),
+            engram.table.num_rows,
+            engram.table.dim,
+        )
+        for layer, engram in engrams.items()
+    ]
+    tables = load_table_tier(
+        directory,
+        sources,
+        kind=engram_tables,
+        table_dir=table_dir,
+        cache_rows=cache_rows,
+        identity={
+            "model_type": EngramHFConfig.model_type,
+            "engram": model_config.engram.to_dict(),
+            "tokenizer_fingerprint": vocab.fingerprint,
+        },
+    )
+    for engram in engrams.values():
+        with torch.device("meta"):
+            engram.table = DeviceTable(1, engram.table.dim)
+    model.to_empty(device="cpu")
+    model.model.init_weights()
+    for layer, engram in engrams.items():
+        engram.table = tables[f"engram_layer{layer}"]
+    _load_dense(model.model, directory / MODEL_FILE, vocab)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    if dtype is not None and dtype != "auto":
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if device_map is not None:
+        if not isinstance(device_map, str | torch.device) or device_map == "auto":
+            raise NotImplementedError(f"device_map must name one device, got {device_map!r}")
+        model.to(device_map)
+    model.name_or_path = config.name_or_path = str(directory)
+    model.eval()
+    return model
 
 
 AutoConfig.register(EngramHFConfig.model_type, EngramHFConfig, exist_ok=True)
