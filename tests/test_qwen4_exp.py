@@ -414,3 +414,40 @@ def test_model_type_without_ngram_tables_is_refused(tmp_path: Path) -> None:
 def test_unknown_tier_is_refused(saved) -> None:
     with pytest.raises(ValueError, match="engram_tables must be 'host' or 'disk'"):
         offloaded(saved[1], "gpu", None)
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def char_tokenizer():
+    """One token per character, EOS at id 5: a tokenizer for the tiny model's 96 ids."""
+    from tokenizers import Tokenizer, decoders, models
+
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 6)]
+    vocab = {"<unk>": 0, "<s>": 1, "<a>": 2, "<b>": 3, "<c>": 4, "<eos>": EOS}
+    vocab.update({c: i + 6 for i, c in enumerate(chars)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>"
+    )
+
+
+def test_generate_cli_continues_like_transformers(saved, tmp_path: Path, capsys) -> None:
+    from engramlm.cli import main
+
+    model, folder = saved
+    folder = copy_of(folder, tmp_path)
+    tokenizer = char_tokenizer()
+    tokenizer.save_pretrained(folder)
+    prompt = "The list type"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=EOS)
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    main(
+        ["generate", "--model-dir", str(folder), "--engram-tables", "disk", "--table-dir"]
+        + [str(tmp_path / "tier"), "--prompt", prompt, "--temperature", "0"]
+        + ["--max-new-tokens", "10"]
+    )
+    assert (capsys.readouterr().out, len(expected) > 0) == (prompt + expected + "\n", True)

@@ -725,6 +725,44 @@ def load_offloaded(
     )
 
 
+def generate_offloaded(
+    model_dir: str | os.PathLike[str],
+    prompt: str,
+    *,
+    engram_tables: Literal["host", "disk"] = "disk",
+    table_dir: str | os.PathLike[str] | None = None,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """The continuation of ``prompt`` by a folder's model served with :func:`load_offloaded`
+    (its tokenizer from the same folder); ``temperature=0`` is greedy."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt encodes to no tokens; give some text")
+    model = load_offloaded(model_dir, engram_tables=engram_tables, table_dir=table_dir)
+    try:
+        sample = temperature > 0
+        torch.manual_seed(seed)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                **(dict(temperature=temperature, top_k=top_k, top_p=top_p) if sample else {}),
+                **({} if pad is None else {"pad_token_id": pad}),
+            )
+    finally:
+        close_tables(model)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def close_tables(model: nn.Module) -> None:
     """Flush and release every offloaded table of a model (disk files unlock, so another model
     may open the same tier); idempotent. The model cannot look rows up afterwards."""
