@@ -451,3 +451,36 @@ def test_generate_cli_continues_like_transformers(saved, tmp_path: Path, capsys)
         + ["--max-new-tokens", "10"]
     )
     assert (capsys.readouterr().out, len(expected) > 0) == (prompt + expected + "\n", True)
+
+
+def test_conditional_generation_folder_loads_as_its_own_class(tmp_path: Path) -> None:
+    """A Qwen4-Exp folder with a (tiny) vision tower: Qwen4ExpForConditionalGeneration back,
+    text logits equal to transformers'."""
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=4,
+        temporal_patch_size=1,
+        spatial_merge_size=1,
+        num_position_embeddings=16,
+    )
+    config = transformers.Qwen4ExpConfig(
+        text_config=tiny_config().to_dict(),
+        vision_config=vision,
+        image_token_id=90,
+        video_token_id=91,
+        vision_start_token_id=92,
+        vision_end_token_id=93,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen4ExpForConditionalGeneration(config).eval()
+    randomise_ple(model)
+    model.save_pretrained(tmp_path / "model")
+    ours = offloaded(tmp_path / "model", "disk", tmp_path / "tier")
+    ids = ids_with_eos(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert type(ours) is type(model)

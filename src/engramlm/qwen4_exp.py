@@ -344,7 +344,7 @@ def load(
     import copy
 
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from engramlm.table_io import checkpoint_tensors, load_table_tier
 
@@ -375,7 +375,7 @@ def load(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the unread PLE keys would be listed one by one
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = model_class(config).from_pretrained(
             model_dir, config=without_ple, output_loading_info=True, **from_pretrained_kwargs
         )
     finally:
@@ -407,6 +407,16 @@ def load(
     install(model, modules)
     model.eval()
     return model
+
+
+def model_class(config: Any) -> Any:
+    """The folder's own class (``config.architectures[0]``, e.g. ``Qwen4ExpForCausalLM`` or
+    ``Qwen4ExpForConditionalGeneration``), else transformers' ``AutoModelForCausalLM``."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    own = getattr(transformers, names[0], None) if names else None
+    return own if own is not None else transformers.AutoModelForCausalLM
 
 
 def _has(tensors: dict[str, Any], layer: int) -> bool:
