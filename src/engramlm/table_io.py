@@ -514,7 +514,14 @@ def _build_disk_tier(
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, partial / TIER_MANIFEST)
-        os.rename(partial, directory)
+        try:
+            os.rename(partial, directory)
+        except OSError:
+            if not directory.exists():
+                raise
+            # Another process built it meanwhile: keep theirs (the caller checks it).
+            shutil.rmtree(partial, ignore_errors=True)
+            return
         fd = os.open(directory.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
