@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -132,8 +133,9 @@ def prefill_then_decode(model, ids: torch.Tensor, steps: int) -> tuple[float, fl
 
 
 def side_main(args: argparse.Namespace) -> None:
-    """One side in its own process: load, prefill + decode once, report peak RSS."""
+    """One side in its own process: load, prefill + decode once, report its memory."""
     t0 = time.perf_counter()
+    seconds = None
     if args.side == "make":
         make(args.folder, args.base)
     elif args.side == "imports":  # the runtime alone: python, torch, transformers, engramlm
@@ -145,21 +147,36 @@ def side_main(args: argparse.Namespace) -> None:
 
         close_tables(load("engramlm-disk", args.folder, args.tier))
     else:
+        if args.side == "engramlm-disk-cold":
+            drop_page_cache(args.tier)
         model = load(args.side, args.folder, args.tier)
-        loaded = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0  # the load alone
         prefill_then_decode(model, prompt(args.prompt), args.decode)
-    peak = peak_rss()
-    load_s = loaded if args.side in ("transformers", "engramlm-disk") else time.perf_counter() - t0
-    print(json.dumps({"side": args.side, "peak_rss": peak, "load_s": load_s}))
+    seconds = time.perf_counter() - t0 if seconds is None else seconds
+    print(json.dumps({"side": args.side, **memory(), "seconds": seconds}))
 
 
-def peak_rss() -> int:
-    """This process's peak resident set (bytes): VmHWM, which starts afresh at exec (unlike
-    ``ru_maxrss``, which a child inherits from the parent it was forked from)."""
+def memory() -> dict[str, int]:
+    """This process's peak resident set (VmHWM: it starts afresh at exec, unlike ``ru_maxrss``,
+    which a child inherits from the parent it was forked from) and its resident anonymous and
+    file-backed memory now (bytes)."""
+    fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) << 10
-    raise OSError("no VmHWM in /proc/self/status")
+        name = line.split(":")[0]
+        if name in ("VmHWM", "RssAnon", "RssFile"):
+            fields[name] = int(line.split()[1]) << 10
+    return fields
+
+
+def drop_page_cache(tier: Path) -> None:
+    """Evict the tier files' clean pages from the page cache (no root needed): a cold start,
+    as for a tier larger than RAM, instead of one just written."""
+    for path in tier.rglob("*.engt"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def run_side(side: str, args: argparse.Namespace) -> dict:
@@ -184,46 +201,44 @@ def main() -> None:
 
     print(machine())
     if not (args.folder / "config.json").is_file():  # in a child: the parent stays small
-        print(f"saved the model in {run_side('make', args)['load_s']:.0f} s")
+        print(f"saved the model in {run_side('make', args)['seconds']:.0f} s")
     tables, other = table_bytes(args.folder)
     print(f"n-gram tables {tables / GB:.2f} GB, other weights {other / GB:.3f} GB")
-    build = run_side("build", args) if not args.tier.exists() else None
-    if build:
+    if not args.tier.exists():
+        build = run_side("build", args)
+        print(f"disk tier built in {build['seconds']:.0f} s, peak RSS {build['VmHWM'] / GB:.2f} GB")
+    else:
+        print(f"disk tier {args.tier} reused")
+
+    sides = ("imports", "transformers", "engramlm-disk", "engramlm-disk-cold")
+    mem = {side: run_side(side, args) for side in sides}
+    print("side: peak RSS (VmHWM); at the end: resident anonymous / file-backed; load seconds")
+    for side, m in mem.items():
         print(
-            f"disk tier built in {build['load_s']:.0f} s, peak RSS {build['peak_rss'] / GB:.2f} GB"
+            f"{side:>18}: {m['VmHWM'] / GB:.2f} GB; {m['RssAnon'] / GB:.2f} / "
+            f"{m['RssFile'] / GB:.2f} GB; {m['seconds']:.1f} s"
         )
-    rss = {side: run_side(side, args) for side in ("imports", "transformers", "engramlm-disk")}
-    for side, r in rss.items():
-        print(f"{side:>14}: peak RSS {r['peak_rss'] / GB:.2f} GB, {r['load_s']:.1f} s")
-    runtime = rss["imports"]["peak_rss"]
-    over = (rss["engramlm-disk"]["peak_rss"] - runtime - other) / GB
-    print(
-        f"engramlm-disk peak RSS - runtime ({runtime / GB:.2f} GB: python, torch, transformers) "
-        f"- other weights = {over:.2f} GB (goal <= 0.5)"
-    )
+    base = mem["imports"]["VmHWM"] + other
+    for side in sides[1:]:
+        over = (mem[side]["VmHWM"] - base) / GB
+        print(f"{side:>18}: peak RSS - runtime - other weights = {over:.2f} GB (goal <= 0.5)")
 
     models = {
         side: load(side, args.folder, args.tier) for side in ("transformers", "engramlm-disk")
     }
     ids = prompt(args.prompt)
     results: dict[str, list[tuple[float, float]]] = {side: [] for side in models}
-    interleaved(
-        {
-            s: lambda s=s: results[s].append(prefill_then_decode(models[s], ids, args.decode))
-            for s in models
-        },
-        repeats=args.repeats,
-    )
-    med = {
-        s: (
-            sorted(r[0] for r in results[s][1:])[len(results[s][1:]) // 2],
-            sorted(r[1] for r in results[s][1:])[len(results[s][1:]) // 2],
-        )
-        for s in models
-    }
-    for s, (pre, dec) in med.items():
-        rates = f"prefill {args.prompt / pre:8.1f} tok/s, decode {args.decode / dec:6.1f} tok/s"
-        print(f"{s:>14}: {rates}")
+
+    def run(side: str) -> None:
+        results[side].append(prefill_then_decode(models[side], ids, args.decode))
+
+    interleaved({side: lambda side=side: run(side) for side in models}, repeats=args.repeats)
+    med = {}
+    for side, times in results.items():
+        timed = times[1:]  # the first call is interleaved()'s warm-up
+        med[side] = tuple(statistics.median(t[i] for t in timed) for i in (0, 1))
+        rates = f"prefill {args.prompt / med[side][0]:8.1f} tok/s"
+        print(f"{side:>18}: {rates}, decode {args.decode / med[side][1]:6.1f} tok/s")
     t, e = med["transformers"], med["engramlm-disk"]
     print(f"engramlm-disk / transformers: prefill {t[0] / e[0]:.2f}x, decode {t[1] / e[1]:.2f}x")
 
