@@ -319,6 +319,7 @@ def test_a_tier_built_from_another_model_is_refused(saved, tmp_path: Path) -> No
 def test_a_folder_without_manifest_is_not_used_as_tier(saved, tmp_path: Path) -> None:
     _, folder = saved
     (tmp_path / "tier").mkdir()
+    (tmp_path / "tier" / "notes.txt").write_text("someone else's folder")
     with pytest.raises(ValueError, match="not a complete engramlm table tier"):
         offloaded(folder, "disk", tmp_path / "tier")
 
@@ -484,3 +485,61 @@ def test_conditional_generation_folder_loads_as_its_own_class(tmp_path: Path) ->
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     assert type(ours) is type(model)
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def anon_rss() -> int:
+    """Anonymous resident memory of this process (bytes): heap, not file pages."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) << 10
+    raise OSError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_loading_streams_rows_without_holding_a_table(saved, tmp_path: Path, monkeypatch) -> None:
+    """Two 32 MB tables go from the shards to a disk tier in 1 MB chunks: the process's heap
+    never grows by a quarter of one table (transformers' own load holds them whole). The
+    chunks are made small here; by default rows move 64 MiB at a time."""
+    import threading
+
+    from engramlm.tables import disk, offload
+
+    torch.manual_seed(0)
+    big = transformers.Qwen4ExpForCausalLM(tiny_config(ngram_vocab_size_base=500_000))
+    table_bytes = big.model.layers[0].ple.ple_embedding.ngram_embedding.weight.numel() * 4
+    big.save_pretrained(tmp_path / "model")
+    del big
+    offloaded(saved[1], "disk", tmp_path / "warm-up")  # imports and first-call allocations
+    monkeypatch.setattr(offload, "CHUNK_ROWS", 1 << 16)  # 1 MB of rows of 4 dims
+    monkeypatch.setattr(disk, "_CRC_CHUNK", 1 << 20)  # the closing checksum reads 1 MB at once
+    base, peak, stop = anon_rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], anon_rss())
+            stop.wait(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        offloaded(tmp_path / "model", "disk", tmp_path / "tier")
+    finally:
+        stop.set()
+        sampler.join()
+    assert (table_bytes > 30e6, peak[0] - base < table_bytes // 4) == (True, True), (
+        peak[0] - base,
+        table_bytes,
+    )
+
+
+def test_cache_rows_sizes_the_disk_tiers_row_cache(saved, tmp_path: Path) -> None:
+    """(An existing empty table_dir is built into, as a missing one.)"""
+    from engramlm.hf import load_offloaded
+
+    model = load_offloaded(saved[1], engram_tables="disk", table_dir=tmp_path, cache_rows=1000)
+    LOADED.append(model)
+    stores = [layer.ple.engram.table.weight_store for layer in model.model.layers if layer.ple]
+    assert [s.capacity for s in stores] == [1000, 1000]

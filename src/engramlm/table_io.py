@@ -422,7 +422,7 @@ def load_table_tier(
         "identity": identity or {},
         **source_fingerprint(sources, dtype),
     }
-    if not directory.exists():
+    if not directory.exists() or not any(directory.iterdir()):  # absent, or made empty
         _build_disk_tier(directory, sources, manifest, _SAFETENSORS_DTYPES[dtype])
     _check_tier(directory, manifest)
     rows = DEFAULT_CACHE_ROWS if cache_rows is None else cache_rows
