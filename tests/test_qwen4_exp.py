@@ -291,6 +291,24 @@ def test_decode_state_sits_in_transformers_cache_slots(saved, tmp_path: Path) ->
     assert mine.is_croppable == theirs.is_croppable
 
 
+def test_decode_after_beam_reorder_equals_transformers(saved, tmp_path: Path) -> None:
+    """Beam search's cache operation applied by hand to both models' caches after a prefill
+    (rows picked as [1, 1, 0]: swapped and one duplicated): the next step's logits still agree,
+    so the PLE state moved with the rows in ours as in theirs. (transformers' Qwen4-Exp cache
+    has no batch_repeat_interleave; generate expands the prompt before the prefill instead.)"""
+    model, folder = saved
+    ours = offloaded(folder, "disk", tmp_path / "tier")
+    ids = ids_with_eos(2, 10)
+    step = torch.tensor([[7], [EOS], [9]])
+    logits = []
+    with torch.no_grad():
+        for m in (model, ours):
+            cache = m(ids, use_cache=True).cache
+            cache.reorder_cache(torch.tensor([1, 1, 0]))
+            logits.append(m(step, cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 # --- the disk tier: reuse, refusal, atomic builds --------------------------------------------
 
 

@@ -19,9 +19,9 @@ are an Engram variant. The facts, read from ``transformers/models/qwen4_exp`` an
 
 Decode state lives where transformers keeps it, in the model's own cache: conv state slot 1 of
 the PLE layer's linear-attention cache layer holds the short conv's last (w-1)N normalised
-inputs, slot 2 the last N-1 token ids. So beam reordering and batch expansion move it with the
-rest of the cache, and the cache refuses to crop, as it does for the unmodified model (its
-linear-attention layers carry recurrent states).
+inputs, slot 2 the last N-1 token ids. So beam reordering moves it with the rest of the cache,
+and the cache refuses to crop, as it does for the unmodified model (its linear-attention layers
+carry recurrent states).
 
 :func:`install` puts :class:`Qwen4ExpPLE` modules into a loaded model;
 ``engramlm.hf.load_offloaded`` builds the model, its table tier and calls it.
