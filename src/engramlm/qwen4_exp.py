@@ -171,6 +171,20 @@ class Qwen4ExpPLE(nn.Module):
         assert self.engram.short_conv is not None  # Qwen4-Exp always has its short conv
         self.conv_len = self.engram.short_conv.receptive_field
 
+    @torch.no_grad()
+    def load_ple_weights(self, ple: Mapping[str, Tensor]) -> None:
+        """Copy a Qwen4-Exp PLE layer's small weights (checkpoint names, see
+        :func:`engram_weights`) into this module; ``ValueError`` on a shape the config does not
+        imply."""
+        for name, value in engram_weights(ple, self.hc_count, self.hidden_size).items():
+            param = self.engram.get_parameter(name)
+            if param.shape != value.shape:
+                raise ValueError(
+                    f"layer {self.layer_idx}'s PLE weight for {name} is {list(value.shape)}, "
+                    f"the config implies {list(param.shape)}"
+                )
+            param.copy_(value)
+
     def hash_ids(self, input_ids: Tensor, history: Tensor | None) -> Tensor:
         """[B, T] raw ids (+ the last N-1 before them) -> [B, T, H] head-local rows."""
         return self.hasher(input_ids, self.layer_idx, prefix=history)
@@ -214,10 +228,7 @@ def from_transformers_layer(
     """A :class:`Qwen4ExpPLE` with the weights of a ``Qwen4ExpTextPLELayer`` (tables copied
     into a new in-memory table unless ``table`` is given)."""
     ours = Qwen4ExpPLE(text_config, layer.layer_idx, ngram_hasher(text_config), table)
-    state = {k: v.detach() for k, v in layer.state_dict().items()}
-    ours.engram.load_state_dict(
-        engram_weights(state, text_config.hc_count, text_config.hidden_size), strict=False
-    )
+    ours.load_ple_weights({k: v.detach() for k, v in layer.state_dict().items()})
     if table is None:
         weight = layer.ple_embedding.ngram_embedding.weight.detach()
         ours.engram.table.weight.data.copy_(weight)
@@ -393,16 +404,7 @@ def load(
     modules = {}
     for layer in engram.layer_ids:
         ple = Qwen4ExpPLE(text, layer, hasher, tables[f"ple_layer{layer}"])
-        small = _layer_tensors(tensors, layer, DENSE_WEIGHTS + CONV_WEIGHTS)
-        with torch.no_grad():
-            for name, value in engram_weights(small, text.hc_count, text.hidden_size).items():
-                param = ple.engram.get_parameter(name)
-                if param.shape != value.shape:
-                    raise ValueError(
-                        f"layer {layer}'s PLE weight for {name} is {list(value.shape)}, the "
-                        f"config implies {list(param.shape)}"
-                    )
-                param.copy_(value)
+        ple.load_ple_weights(_layer_tensors(tensors, layer, DENSE_WEIGHTS + CONV_WEIGHTS))
         modules[layer] = ple.to(dtype).eval()
     install(model, modules)
     model.eval()
