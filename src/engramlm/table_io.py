@@ -13,6 +13,11 @@ tier stores tables - in ``model.safetensors`` for ``device``/``host``, as snapsh
 ``disk``, which never holds a table in memory. The run's Adam moments and steps are kept (an
 export carries weights only), so importing a run's own export leaves the run as it was, bit
 for bit, and training resumes from it on any tier.
+
+Released checkpoints (``engramlm.hf.load_offloaded``): :func:`stream_safetensors_rows` copies a
+table held as row blocks in safetensors shards (:class:`TableSource`) into any tier, a chunk at
+a time, and :func:`load_table_tier` builds (atomically, fingerprinted) or reuses the host or
+disk tier of a checkpoint's tables. Both are model-agnostic: a loader only names the blocks.
 """
 
 from __future__ import annotations
