@@ -561,3 +561,10 @@ def test_cache_rows_sizes_the_disk_tiers_row_cache(saved, tmp_path: Path) -> Non
     LOADED.append(model)
     stores = [layer.ple.engram.table.weight_store for layer in model.model.layers if layer.ple]
     assert [s.capacity for s in stores] == [1000, 1000]
+
+
+def test_generating_from_a_folder_without_tokenizer_says_so(saved) -> None:
+    from engramlm.hf import generate_offloaded
+
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        generate_offloaded(saved[1], "x")

@@ -741,6 +741,13 @@ def generate_offloaded(
     (its tokenizer from the same folder); ``temperature=0`` is greedy."""
     from transformers import AutoTokenizer
 
+    if not any(
+        (Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise ValueError(
+            f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json): save the "
+            "model's tokenizer into the folder (tokenizer.save_pretrained(folder))"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
