@@ -235,15 +235,23 @@ def test_offloaded_model_holds_no_ngram_table_in_memory(saved, tmp_path: Path) -
     ) == ([qwen4_exp.Qwen4ExpPLE] * 2, [OffloadedTable] * 2, [DiskStore] * 2, True)
 
 
-def test_forward_prefetches_every_ple_lookup(saved, tmp_path: Path) -> None:
+def test_forward_prefetches_every_ple_lookup(saved, tmp_path: Path, monkeypatch) -> None:
     """The rows of every PLE layer are requested as soon as the ids are known: each lookup is
-    served by its prefetch."""
+    served by its prefetch, and each layer hashes the ids once (the prefetch's hash is reused)."""
+    from engramlm.hashing import NgramHasher
+
     _, folder = saved
     ours = offloaded(folder, "disk", tmp_path / "tier")
+    calls = []
+    forward = NgramHasher.forward
+    monkeypatch.setattr(NgramHasher, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     with torch.no_grad():
         ours(ids_with_eos(2, 9))
     tables = [layer.ple.engram.table for layer in ours.model.layers if layer.ple is not None]
-    assert [(t.prefetch_hits, t.prefetch_misses) for t in tables] == [(1, 0), (1, 0)]
+    assert ([(t.prefetch_hits, t.prefetch_misses) for t in tables], len(calls)) == (
+        [(1, 0), (1, 0)],
+        2,
+    )
 
 
 @pytest.mark.parametrize(

@@ -170,6 +170,10 @@ class Qwen4ExpPLE(nn.Module):
         self.engram = Engram(config, text_config.hidden_size, hasher.moduli[layer_idx], table)
         assert self.engram.short_conv is not None  # Qwen4-Exp always has its short conv
         self.conv_len = self.engram.short_conv.receptive_field
+        # The prefetch hook's (ids, history, hash ids) of the forward in progress, taken by
+        # forward when its ids and history are the very same tensors: hashed once, not twice.
+        # Not decode state (that is in the cache): consumed, and cleared, within one forward.
+        self._hashed: tuple[Tensor, Tensor | None, Tensor] | None = None
 
     @torch.no_grad()
     def load_ple_weights(self, ple: Mapping[str, Tensor]) -> None:
@@ -187,7 +191,17 @@ class Qwen4ExpPLE(nn.Module):
 
     def hash_ids(self, input_ids: Tensor, history: Tensor | None) -> Tensor:
         """[B, T] raw ids (+ the last N-1 before them) -> [B, T, H] head-local rows."""
+        hashed, self._hashed = self._hashed, None
+        if hashed is not None and hashed[0] is input_ids and hashed[1] is history:
+            return hashed[2]
         return self.hasher(input_ids, self.layer_idx, prefix=history)
+
+    def prefetch(self, input_ids: Tensor, history: Tensor | None) -> None:
+        """Start gathering the rows this layer will look up for [B, T] ``input_ids``; the hash
+        ids are kept for the forward that follows with the same tensors."""
+        hash_ids = self.hash_ids(input_ids, history)
+        self.engram.prefetch(hash_ids)
+        self._hashed = (input_ids, history, hash_ids)
 
     def forward(
         self,
@@ -197,9 +211,9 @@ class Qwen4ExpPLE(nn.Module):
         conv_mask: Tensor | None = None,
     ) -> Tensor:
         B, T, _ = hidden_states.shape
-        ids = input_ids.long()
         history = cache.get_conv_state(self.layer_idx, NGRAM_STATE) if cache is not None else None
-        hash_ids = self.hash_ids(ids, history)  # [B, T, H]
+        hash_ids = self.hash_ids(input_ids, history)  # [B, T, H]
+        ids = input_ids.long()
         if cache is not None:
             if history is None and T < self.context_len:  # the cache would pad with 0, not EOS
                 ids = nn.functional.pad(ids, (self.context_len - T, 0), value=self.eos)
@@ -245,9 +259,9 @@ def prefetch_hook(modules: list[Qwen4ExpPLE]) -> Any:
             ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, Tensor) or not modules:
             return
-        ids = ids.long()
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.ndim == 2 and ids.shape[1] > 1:
+            # What the model's forward does to padded positions (then hashed again, not reused).
             ids = torch.where(mask[:, -ids.shape[1] :].bool(), ids, modules[0].eos)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         with torch.no_grad():
@@ -255,7 +269,7 @@ def prefetch_hook(modules: list[Qwen4ExpPLE]) -> Any:
                 history = None
                 if cache is not None and hasattr(cache, "get_conv_state"):
                     history = cache.get_conv_state(ple.layer_idx, NGRAM_STATE)
-                ple.engram.prefetch(ple.hash_ids(ids, history))
+                ple.prefetch(ids, history)
 
     return hook
 
