@@ -261,8 +261,9 @@ def prefetch_hook(modules: list[Qwen4ExpPLE]) -> Any:
             return
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.ndim == 2 and ids.shape[1] > 1:
-            # What the model's forward does to padded positions (then hashed again, not reused).
-            ids = torch.where(mask[:, -ids.shape[1] :].bool(), ids, modules[0].eos)
+            mask = mask[:, -ids.shape[1] :].bool()
+            if not bool(mask.all()):  # what the model's forward does to padded positions
+                ids = torch.where(mask, ids, modules[0].eos)  # (hashed again by the layers)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         with torch.no_grad():
             for ple in modules:
