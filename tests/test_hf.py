@@ -321,3 +321,19 @@ def test_overencoding_model_round_trips(tokenizer, tmp_path: Path) -> None:
     assert loaded.config.overencoding == oe.to_dict()
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_load_offloaded_logits_equal_in_memory(saved: Path, prompt, tmp_path: Path, tier: str):
+    """engramlm's own folders through load_offloaded: tables on a tier, same logits."""
+    from engramlm.hf import close_tables, load_offloaded
+
+    memory = EngramForCausalLM.from_pretrained(saved)
+    table_dir = tmp_path / "tier" if tier == "disk" else None
+    served = load_offloaded(saved, engram_tables=tier, table_dir=table_dir)
+    try:
+        assert all(type(t).__name__ == "OffloadedTable" for t in served.model.engram_tables())
+        with torch.no_grad():
+            torch.testing.assert_close(served(prompt).logits, memory(prompt).logits, rtol=0, atol=0)
+    finally:
+        close_tables(served)

@@ -90,7 +90,9 @@ __all__ = [
 ]
 
 # The transformers integration imports transformers (seconds): loaded on first use only.
-_HF_EXPORTS = frozenset({"EngramCache", "EngramForCausalLM", "EngramHFConfig", "export_run"})
+_HF_EXPORTS = frozenset(
+    {"EngramCache", "EngramForCausalLM", "EngramHFConfig", "export_run", "load_offloaded"}
+)
 
 
 def __getattr__(name: str) -> object:

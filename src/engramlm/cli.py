@@ -3,6 +3,7 @@
     engramlm train --config recipes/tiny.toml --train.steps=200 --model.hidden_size=128
     engramlm eval --run runs/train [--data FILE] [--table-storage disk]
     engramlm generate --run runs/train --prompt "The list type" [--temperature 0.8]
+    engramlm generate --model-dir qwen4-exp/ --engram-tables disk --prompt "The list type"
     engramlm compare [--steps N] [--out runs/compare]
     engramlm tables export --run runs/train --out tables/
     engramlm tables import --tables tables/ --run runs/train [--storage disk]
@@ -121,7 +122,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Continue a prompt with a trained run's model, streaming the text as it comes."""
+    """Continue a prompt with a trained run's model (--run), streaming the text as it comes, or
+    with a released model's folder (--model-dir) whose n-gram tables stay on --engram-tables."""
     from engramlm.generate import generate_text
 
     def show(piece: str) -> None:
@@ -129,6 +131,24 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         sys.stdout.flush()
 
     sys.stdout.write(args.prompt)
+    if args.model_dir is not None:
+        from engramlm.hf import generate_offloaded
+
+        show(
+            generate_offloaded(
+                args.model_dir,
+                args.prompt,
+                engram_tables=args.engram_tables,
+                table_dir=args.table_dir,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k or None,
+                top_p=args.top_p,
+                seed=args.seed,
+            )
+        )
+        sys.stdout.write("\n")
+        return
     generate_text(
         args.run,
         args.prompt,
@@ -246,7 +266,20 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__)
-    p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run directory written by `engramlm train`")
+    source.add_argument(
+        "--model-dir",
+        help="a transformers model folder with hashed n-gram tables and a tokenizer "
+        "(Qwen4-Exp, engramlm exports); see README 'Running released Engram models'",
+    )
+    p.add_argument(
+        "--engram-tables",
+        choices=("host", "disk"),
+        default="disk",
+        help="--model-dir: where the n-gram tables live (disk: built once under --table-dir)",
+    )
+    p.add_argument("--table-dir", default=None, help="--model-dir: the disk tier's folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -498,14 +498,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(config, EngramHFConfig):
             raise TypeError(f"config must be an EngramHFConfig, got {type(config).__name__}")
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
-        vocab = CompressedVocab.load(directory / VOCAB_FILE)
-        vocab.check_tokenizer(tokenizer)
-        if config.tokenizer_fingerprint != vocab.fingerprint:
-            raise TokenizerMismatchError(
-                f"config.json names tokenizer {config.tokenizer_fingerprint}, but "
-                f"{VOCAB_FILE} and the tokenizer are {vocab.fingerprint}"
-            )
+        tokenizer, vocab = _checked_tokenizer(directory, config)
 
         if engram_tables == "memory":
             plan = None
@@ -534,6 +527,22 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         model.name_or_path = config.name_or_path = str(pretrained_model_name_or_path)
         model.eval()
         return model
+
+
+def _checked_tokenizer(
+    directory: Path, config: EngramHFConfig
+) -> tuple[PreTrainedTokenizerFast, CompressedVocab]:
+    """The folder's tokenizer and compressed vocabulary, checked to share the config's
+    fingerprint (``TokenizerMismatchError`` otherwise)."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    vocab = CompressedVocab.load(directory / VOCAB_FILE)
+    vocab.check_tokenizer(tokenizer)
+    if config.tokenizer_fingerprint != vocab.fingerprint:
+        raise TokenizerMismatchError(
+            f"config.json names tokenizer {config.tokenizer_fingerprint}, but "
+            f"{VOCAB_FILE} and the tokenizer are {vocab.fingerprint}"
+        )
+    return tokenizer, vocab
 
 
 def _check_unpadded(attention_mask: Tensor | None, batch: int, length: int) -> None:
@@ -655,6 +664,195 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str])
     EngramForCausalLM.from_engramlm(model, tokenizer).save_pretrained(out_dir)
     logger.info("exported run %s to %s", run_dir, out_dir)
     return Path(out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Released models with hashed n-gram tables, served from a table tier
+# --------------------------------------------------------------------------------------------
+
+# model_type in config.json -> the module whose ``load`` serves it.
+OFFLOADED_MODEL_TYPES = {"qwen4_exp": "engramlm.qwen4_exp", "qwen4_exp_text": "engramlm.qwen4_exp"}
+
+
+def load_offloaded(
+    model_dir: str | os.PathLike[str],
+    *,
+    engram_tables: Literal["host", "disk"] = "disk",
+    table_dir: str | os.PathLike[str] | None = None,
+    cache_rows: int | None = None,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """The transformers model of a local folder, its hashed n-gram tables served by an
+    engramlm table tier and its n-gram layers computed by engramlm's :class:`Engram`.
+
+    Supported: Qwen4-Exp (``qwen4_exp``, ``qwen4_exp_text``; its PLE layers, see
+    :mod:`engramlm.qwen4_exp`) - the model is transformers' own class, e.g.
+    ``Qwen4ExpForCausalLM``, with the same outputs - and engramlm's own folders
+    (``EngramForCausalLM``, :meth:`EngramForCausalLM.from_pretrained`). Another model type is a
+    ``ValueError`` naming the supported ones.
+
+    ``engram_tables="host"``: rows in RAM (float32), streamed from the shards at each load;
+    ``"disk"``: rows in files under ``table_dir`` (default
+    :func:`engramlm.table_io.default_table_dir`), built on the first load - atomically,
+    fingerprinted with the tables' shapes, dtype and source files - and reused by later loads
+    of the same folder; a tier built from anything else is refused with the reason.
+    ``cache_rows``: the disk tier's RAM cache, rows per table. Rows go from the checkpoint's
+    safetensors shards to the tier in chunks: no table is ever whole in memory. Lookups are
+    prefetched as soon as a forward's ids are known. Other keyword arguments go to
+    ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    import importlib
+
+    directory = Path(model_dir)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a model folder")
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    supported = sorted([*OFFLOADED_MODEL_TYPES, EngramHFConfig.model_type])
+    if model_type == EngramHFConfig.model_type:
+        return _load_engramlm_offloaded(
+            directory, engram_tables, table_dir, cache_rows, **from_pretrained_kwargs
+        )
+    if model_type not in OFFLOADED_MODEL_TYPES:
+        raise ValueError(
+            f"{directory} is a {model_type!r} model, which has no hashed n-gram tables that "
+            f"engramlm serves; supported model types: {supported}"
+        )
+    module = importlib.import_module(OFFLOADED_MODEL_TYPES[model_type])
+    return module.load(
+        directory,
+        engram_tables=engram_tables,
+        table_dir=table_dir,
+        cache_rows=cache_rows,
+        **from_pretrained_kwargs,
+    )
+
+
+def generate_offloaded(
+    model_dir: str | os.PathLike[str],
+    prompt: str,
+    *,
+    engram_tables: Literal["host", "disk"] = "disk",
+    table_dir: str | os.PathLike[str] | None = None,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """The continuation of ``prompt`` by a folder's model served with :func:`load_offloaded`
+    (its tokenizer from the same folder); ``temperature=0`` is greedy."""
+    from transformers import AutoTokenizer
+
+    if not any(
+        (Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise ValueError(
+            f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json): save the "
+            "model's tokenizer into the folder (tokenizer.save_pretrained(folder))"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt encodes to no tokens; give some text")
+    model = load_offloaded(model_dir, engram_tables=engram_tables, table_dir=table_dir)
+    try:
+        sample = temperature > 0
+        torch.manual_seed(seed)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                **(dict(temperature=temperature, top_k=top_k, top_p=top_p) if sample else {}),
+                **({} if pad is None else {"pad_token_id": pad}),
+            )
+    finally:
+        close_tables(model)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def close_tables(model: nn.Module) -> None:
+    """Flush and release every offloaded table of a model (disk files unlock, so another model
+    may open the same tier); idempotent. The model cannot look rows up afterwards."""
+    for module in model.modules():
+        if isinstance(module, OffloadedTable):
+            module.close()
+
+
+def _load_engramlm_offloaded(
+    directory: Path,
+    engram_tables: str,
+    table_dir: str | os.PathLike[str] | None,
+    cache_rows: int | None,
+    **kwargs: Any,
+) -> EngramForCausalLM:
+    """:func:`load_offloaded` for engramlm's own folders: the tables of
+    ``engram_tables-layer{L}.safetensors`` on a host or disk tier, the rest as
+    :meth:`EngramForCausalLM.from_pretrained` loads it."""
+    from engramlm.table_io import TableSource, load_table_tier
+    from engramlm.tables import DeviceTable
+
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+    device_map = kwargs.pop("device_map", None)
+    unknown = sorted(set(kwargs) - _IGNORED_LOAD_KWARGS)
+    if unknown:
+        raise TypeError(f"load_offloaded got unsupported arguments {unknown} for {directory}")
+    config = EngramHFConfig.from_pretrained(directory)
+    model_config = config.to_model_config()
+    if model_config.engram is None or model_config.overencoding is not None:
+        raise ValueError(
+            f"{directory}: load_offloaded serves Engram tables; this model has "
+            f"{'none' if model_config.engram is None else 'an Over-Encoding table too'}: load "
+            "it with EngramForCausalLM.from_pretrained"
+        )
+    tokenizer, vocab = _checked_tokenizer(directory, config)
+    # Built on the meta device: no table (nor weight) is allocated. The tables are swapped for
+    # one-row stand-ins while init_weights restores the buffers that are not in the checkpoint
+    # (it would otherwise reset the served rows), then for the tier's tables.
+    with torch.device("meta"):
+        model = EngramForCausalLM(config, compressed_vocab=vocab, tokenizer=tokenizer)
+    engrams = {b.layer_id: b.engram for b in model.model.layers if b.engram is not None}
+    sources = [
+        TableSource(
+            f"engram_layer{layer}",
+            ((directory / TABLE_FILE.format(layer=layer), TABLE_KEY),),
+            engram.table.num_rows,
+            engram.table.dim,
+        )
+        for layer, engram in engrams.items()
+    ]
+    tables = load_table_tier(
+        directory,
+        sources,
+        kind=engram_tables,
+        table_dir=table_dir,
+        cache_rows=cache_rows,
+        identity={
+            "model_type": EngramHFConfig.model_type,
+            "engram": model_config.engram.to_dict(),
+            "tokenizer_fingerprint": vocab.fingerprint,
+        },
+    )
+    for engram in engrams.values():
+        with torch.device("meta"):
+            engram.table = DeviceTable(1, engram.table.dim)
+    model.to_empty(device="cpu")
+    model.model.init_weights()
+    for layer, engram in engrams.items():
+        engram.table = tables[f"engram_layer{layer}"]
+    _load_dense(model.model, directory / MODEL_FILE, vocab)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    if dtype is not None and dtype != "auto":
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if device_map is not None:
+        if not isinstance(device_map, str | torch.device) or device_map == "auto":
+            raise NotImplementedError(f"device_map must name one device, got {device_map!r}")
+        model.to(device_map)
+    model.name_or_path = config.name_or_path = str(directory)
+    model.eval()
+    return model
 
 
 AutoConfig.register(EngramHFConfig.model_type, EngramHFConfig, exist_ok=True)

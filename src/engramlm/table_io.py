@@ -13,6 +13,11 @@ tier stores tables - in ``model.safetensors`` for ``device``/``host``, as snapsh
 ``disk``, which never holds a table in memory. The run's Adam moments and steps are kept (an
 export carries weights only), so importing a run's own export leaves the run as it was, bit
 for bit, and training resumes from it on any tier.
+
+Released checkpoints (``engramlm.hf.load_offloaded``): :func:`stream_safetensors_rows` copies a
+table held as row blocks in safetensors shards (:class:`TableSource`) into any tier, a chunk at
+a time, and :func:`load_table_tier` builds (atomically, fingerprinted) or reuses the host or
+disk tier of a checkpoint's tables. Both are model-agnostic: a loader only names the blocks.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from engramlm.checkpoint import (
     save_checkpoint,
 )
 from engramlm.model import EngramLM
-from engramlm.tables import Table, TablePlan
+from engramlm.tables import MemoryStore, OffloadedTable, RowStore, Table, TablePlan
 from engramlm.tables.disk import read_table_file, verify_table_file
 from engramlm.tables.offload import row_chunks
 from engramlm.tables.plan import TableKind, write_range
@@ -216,3 +221,328 @@ def _check_manifest(manifest: Path, configs: dict[str, Any]) -> None:
             "their rows would be read at the wrong addresses:\n  " + "\n  ".join(diffs) + "\n"
             "import them into a run with the same model.engram fields and tokenizer"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Tables of released checkpoints: rows streamed from safetensors shards into a tier
+# --------------------------------------------------------------------------------------------
+
+TIER_MANIFEST = "tier.json"
+TIER_FORMAT = 1
+DEFAULT_CACHE_ROWS = 1 << 16  # disk tier: rows of RAM cache per table (e.g. 8 MiB at dim 32)
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSource:
+    """Where one table's rows are in a safetensors checkpoint: the row blocks ``parts``
+    (shard file, tensor name), concatenated in order along dim 0, make [num_rows, dim].
+
+    A released model may split one table into many tensors (Qwen4-Exp's ``split_ngram_parts``)
+    spread over many shard files; ``name`` is the table's folder in a disk tier.
+    """
+
+    name: str
+    parts: tuple[tuple[Path, str], ...]
+    num_rows: int
+    dim: int
+
+
+def safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of a safetensors file, after checking the file holds all the bytes the
+    header promises; ``ValueError`` naming the file when it is missing, damaged or truncated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint shard {path} is missing: download it again")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"checkpoint shard {path} is damaged or truncated (no full header)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"checkpoint shard {path} has an unreadable header: {e}") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    needed = 8 + n + max(ends, default=0)
+    if size < needed:
+        raise ValueError(
+            f"checkpoint shard {path} is truncated: {size} bytes, its header needs {needed}; "
+            "download it again"
+        )
+    return header
+
+
+def checkpoint_tensors(model_dir: str | os.PathLike[str]) -> dict[str, tuple[Path, list[int], str]]:
+    """{tensor name: (shard file, shape, safetensors dtype)} of a model folder's checkpoint
+    (``model.safetensors.index.json`` or one ``model.safetensors``), reading headers only.
+    Every shard is checked first: a missing or truncated one is named."""
+    directory = Path(model_dir)
+    index = directory / _INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (directory / _SINGLE_FILE).is_file():
+        files = [_SINGLE_FILE]
+    else:
+        raise FileNotFoundError(
+            f"{directory} has neither {_INDEX_FILE} nor {_SINGLE_FILE}: not a safetensors "
+            "checkpoint folder"
+        )
+    tensors: dict[str, tuple[Path, list[int], str]] = {}
+    for name in files:
+        path = directory / name
+        for key, info in safetensors_header(path).items():
+            if key != "__metadata__":
+                tensors[key] = (path, list(info["shape"]), info["dtype"])
+    return tensors
+
+
+def source_dtype(source: TableSource) -> str:
+    """The safetensors dtype of a table's parts, after checking every part's shard (present,
+    complete) and that their shapes add up to [num_rows, dim]; errors name the problem."""
+    headers = {path: safetensors_header(path) for path in {p for p, _ in source.parts}}
+    missing = [f"{path.name}:{key}" for path, key in source.parts if key not in headers[path]]
+    if missing:
+        raise ValueError(
+            f"table {source.name}: tensors {missing[:4]} are missing from their shards"
+        )
+    infos = [headers[path][key] for path, key in source.parts]
+    shapes = [info["shape"] for info in infos]
+    dtypes = {info["dtype"] for info in infos}
+    rows = sum(s[0] for s in shapes)
+    dims = {s[1] if len(s) == 2 else None for s in shapes}
+    if dims != {source.dim} or rows != source.num_rows:
+        raise ValueError(
+            f"table {source.name} is [{rows}, {', '.join(map(str, dims))}] in the checkpoint "
+            f"({len(shapes)} parts), the config says [{source.num_rows}, {source.dim}]: the "
+            "checkpoint and config.json disagree (a config edited or from another model?)"
+        )
+    if len(dtypes) != 1 or not dtypes <= set(_SAFETENSORS_DTYPES):
+        raise ValueError(
+            f"table {source.name} is stored as {sorted(dtypes)}; engramlm's tiers read one of "
+            f"{sorted(_SAFETENSORS_DTYPES)}"
+        )
+    return dtypes.pop()
+
+
+def stream_safetensors_rows(
+    source: TableSource, table: Table, *, chunk_rows: int | None = None
+) -> None:
+    """Copy a table's rows from its safetensors parts into ``table`` (any tier), ``chunk_rows``
+    at a time (default ``offload.CHUNK_ROWS``): no whole table, nor a whole part, is ever held
+    in memory. Rows are written as they are stored, upcast to the tier's float type."""
+    from safetensors import safe_open
+
+    if (table.num_rows, table.dim) != (source.num_rows, source.dim):
+        raise ValueError(
+            f"table {source.name} is [{source.num_rows}, {source.dim}], the tier's "
+            f"[{table.num_rows}, {table.dim}]"
+        )
+    start = 0
+    for path, key in source.parts:
+        with safe_open(str(path), framework="pt") as f:
+            part = f.get_slice(key)
+            rows = part.get_shape()[0]
+            for lo, hi in row_chunks(rows, chunk_rows):
+                write_range(table, start + lo, part[lo:hi].float())
+        start += rows
+    if start != source.num_rows:  # our invariant: callers check shapes with source_dtype
+        raise ValueError(f"table {source.name}: {start} rows streamed, {source.num_rows} expected")
+
+
+def source_fingerprint(sources: list[TableSource], dtype: str) -> dict[str, Any]:
+    """What a disk tier's rows were made from: each table's shape, the stored dtype, and every
+    part's file (name, size, modification time) and tensor name."""
+    return {
+        "dtype": dtype,
+        "tables": {
+            s.name: {
+                "shape": [s.num_rows, s.dim],
+                "parts": {
+                    key: {
+                        "file": path.name,
+                        "bytes": path.stat().st_size,
+                        "mtime_ns": path.stat().st_mtime_ns,
+                    }
+                    for path, key in s.parts
+                },
+            }
+            for s in sources
+        },
+    }
+
+
+def serving_table(store: RowStore, device: torch.device | str | None = None) -> OffloadedTable:
+    """An :class:`OffloadedTable` that serves ``store``'s rows and is never trained: its Adam
+    moment stores alias the weights (no optimiser runs on a released model; zero-filled moments
+    would triple a host tier's memory)."""
+    return OffloadedTable(store, store, store, device=device)
+
+
+def load_table_tier(
+    model_dir: str | os.PathLike[str],
+    sources: list[TableSource],
+    *,
+    kind: str,
+    table_dir: str | os.PathLike[str] | None = None,
+    cache_rows: int | None = None,
+    identity: dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, OffloadedTable]:
+    """Serve a checkpoint's tables from a tier: {source name: read-only table}.
+
+    ``kind="host"``: float32 rows in RAM, streamed from the shards at every load.
+    ``kind="disk"``: rows in files under ``table_dir`` (default
+    :func:`default_table_dir`), stored in the checkpoint's dtype, with ``cache_rows`` rows of
+    RAM cache per table. The folder is built once, atomically (in a ``.partial`` sibling
+    renamed into place when complete; removed on any failure, a full disk included), with
+    ``tier.json`` recording the sources' fingerprint and ``identity`` (what the rows mean: the
+    model type and hash config). A later load reuses it when both match and refuses it,
+    naming the difference, when they do not.
+    """
+    dtypes = {source_dtype(s) for s in sources}
+    dtype = dtypes.pop() if len(dtypes) == 1 else "F32"
+    if kind == "host":
+        if table_dir is not None:
+            raise ValueError(
+                'table_dir= is for engram_tables="disk"; the host tier keeps rows in RAM'
+            )
+        tables = {}
+        for s in sources:
+            table = serving_table(MemoryStore(s.num_rows, s.dim), device)
+            stream_safetensors_rows(s, table)
+            tables[s.name] = table
+        return tables
+    if kind != "disk":
+        raise ValueError(f"engram_tables must be 'host' or 'disk', got {kind!r}")
+    from engramlm.tables.disk import _ROW_OVERHEAD_BYTES, DiskStore
+
+    directory = Path(table_dir) if table_dir is not None else default_table_dir(model_dir)
+    manifest = {
+        "format": TIER_FORMAT,
+        "identity": identity or {},
+        **source_fingerprint(sources, dtype),
+    }
+    if not directory.exists() or not any(directory.iterdir()):  # absent, or made empty
+        _build_disk_tier(directory, sources, manifest, _SAFETENSORS_DTYPES[dtype])
+    _check_tier(directory, manifest)
+    rows = DEFAULT_CACHE_ROWS if cache_rows is None else cache_rows
+    if rows < 0:
+        raise ValueError(f"cache_rows must be >= 0, got {cache_rows}")
+    tables = {}
+    for s in sources:
+        store = DiskStore.open(
+            directory / s.name / "weight.engt", cache_bytes=rows * (4 * s.dim + _ROW_OVERHEAD_BYTES)
+        )
+        tables[s.name] = serving_table(store, device)
+    logger.info("serving %d tables from the disk tier %s", len(tables), directory)
+    return tables
+
+
+def default_table_dir(model_dir: str | os.PathLike[str]) -> Path:
+    """``$XDG_CACHE_HOME/engramlm/tables/<folder name>-<hash of its absolute path>``."""
+    import hashlib
+
+    resolved = Path(model_dir).resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "engramlm" / "tables" / f"{resolved.name}-{digest}"
+
+
+def _check_tier(directory: Path, expected: dict[str, Any]) -> None:
+    path = directory / TIER_MANIFEST
+    if not path.is_file():
+        raise ValueError(
+            f"{directory} exists but is not a complete engramlm table tier (no {TIER_MANIFEST}); "
+            "remove it or pass another table_dir="
+        )
+    saved = json.loads(path.read_text())
+    diffs = _diff(saved, expected)
+    if diffs:
+        raise ValueError(
+            f"the table tier {directory} was built from other tables than this model's, so it "
+            "is not used:\n  " + "\n  ".join(diffs[:8]) + "\nremove it to rebuild it, or pass "
+            "another table_dir="
+        )
+
+
+def _diff(saved: Any, expected: Any, where: str = "") -> list[str]:
+    """Human-readable differences between two JSON values (``where`` is the path so far)."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        out = []
+        for key in sorted(set(saved) | set(expected), key=str):
+            out += _diff(saved.get(key), expected.get(key), f"{where}.{key}" if where else key)
+        return out
+    if saved != expected:
+        return [f"{where}: tier {saved!r}, model {expected!r}"]
+    return []
+
+
+def _build_disk_tier(
+    directory: Path, sources: list[TableSource], manifest: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """Write the tier into a ``.partial`` sibling, then rename it into place; nothing is left
+    behind on failure."""
+    import errno
+    import shutil
+
+    from engramlm.tables.disk import DiskStore
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    needed = sum(s.num_rows * s.dim * itemsize + (1 << 16) for s in sources)
+    free = shutil.disk_usage(directory.parent).free
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"the table tier needs {needed / 1e9:.2f} GB, {directory.parent} has "
+            f"{free / 1e9:.2f} GB free: free space or pass table_dir= on a larger disk",
+        )
+    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a crashed load of this process id
+    try:
+        for s in sources:
+            (partial / s.name).mkdir(parents=True)
+            store = DiskStore.create(
+                partial / s.name / "weight.engt", s.num_rows, s.dim, dtype=dtype, cache_bytes=0
+            )
+            try:
+                stream_safetensors_rows(s, serving_table(store))
+            finally:
+                store.close()  # records the data checksum
+        tmp = partial / (TIER_MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, partial / TIER_MANIFEST)
+        try:
+            os.rename(partial, directory)
+        except OSError:
+            if not directory.exists():
+                raise
+            # Another process built it meanwhile: keep theirs (the caller checks it).
+            shutil.rmtree(partial, ignore_errors=True)
+            return
+        fd = os.open(directory.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"disk full while writing the table tier {directory} (needs "
+                f"{needed / 1e9:.2f} GB); the partial tier was removed: free space or pass "
+                "table_dir= on a larger disk",
+            ) from e
+        raise
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    logger.info("built the disk tier %s (%.2f GB)", directory, needed / 1e9)
