@@ -21,7 +21,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from engramlm.checkpoint import (
     save_checkpoint,
 )
 from engramlm.model import EngramLM
-from engramlm.tables import Table, TablePlan
+from engramlm.tables import OffloadedTable, Table, TablePlan
 from engramlm.tables.disk import read_table_file, verify_table_file
 from engramlm.tables.offload import row_chunks
 from engramlm.tables.plan import TableKind, write_range
@@ -216,3 +218,175 @@ def _check_manifest(manifest: Path, configs: dict[str, Any]) -> None:
             "their rows would be read at the wrong addresses:\n  " + "\n  ".join(diffs) + "\n"
             "import them into a run with the same model.engram fields and tokenizer"
         )
+
+
+# --- tables streamed out of safetensors shards ---------------------------------------------------
+# A released checkpoint's tables (DeepSeek-V4.1's ~98 GB each) are larger than memory: their rows
+# go from the shard files into a tier chunk by chunk, never whole. Shard headers are parsed and
+# checked here (not by ``safetensors``' loader) so that a truncated shard or a tensor of the wrong
+# dtype or shape is refused, by name, before any row is copied.
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "U8": torch.uint8,
+    "I64": torch.int64,
+}
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie in a safetensors shard: ``nbytes`` from byte ``offset``."""
+
+    name: str
+    path: Path
+    dtype: str  # the safetensors spelling, e.g. "F8_E4M3"
+    shape: tuple[int, ...]
+    offset: int  # absolute, in the file
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"{self.name} in {self.path.name} has dtype {self.dtype}, which engramlm does not "
+                f"read (known: {sorted(SAFETENSORS_DTYPES)})"
+            )
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    def read(self, start_row: int = 0, stop_row: int | None = None) -> Tensor:
+        """Rows [start_row, stop_row) of the tensor (all of it by default), read from the file."""
+        rows = self.shape[0] if self.shape else 1
+        stop_row = rows if stop_row is None else stop_row
+        row_bytes = self.nbytes // rows if rows else 0
+        length = (stop_row - start_row) * row_bytes
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), length, self.offset + start_row * row_bytes)
+        if len(data) != length:
+            raise ValueError(
+                f"{self.path}: short read of {self.name} ({len(data)} of {length} bytes): the "
+                "shard is truncated; download it again"
+            )
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if length else None
+        shape = (stop_row - start_row, *self.shape[1:]) if self.shape else ()
+        if flat is None:
+            return torch.empty(shape, dtype=self.torch_dtype)
+        return flat.view(self.torch_dtype).reshape(shape)
+
+
+def safetensors_index(checkpoint_dir: str | os.PathLike[str]) -> dict[str, TensorLocation]:
+    """{tensor name: location} of every tensor in a checkpoint folder's safetensors shards.
+
+    Reads ``model.safetensors.index.json`` when there is one (and checks that every shard it
+    names exists and holds the tensors it says), else every ``*.safetensors`` in the folder.
+    Each shard header is validated: a tensor whose bytes run past the end of its file (a
+    truncated shard), a byte count that does not match its dtype and shape, or a header that is
+    not JSON raises ``ValueError`` naming the shard, the tensor and the fix.
+    """
+    directory = Path(checkpoint_dir)
+    index_file = directory / SHARD_INDEX
+    if index_file.is_file():
+        weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    else:
+        weight_map = {}
+        shards = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{directory}: no safetensors shards (*.safetensors) and no index")
+    locations: dict[str, TensorLocation] = {}
+    for shard in shards:
+        path = directory / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard named by {index_file.name} is missing")
+        for loc in _shard_tensors(path):
+            locations[loc.name] = loc
+    for name, shard in weight_map.items():
+        if name not in locations or locations[name].path.name != shard:
+            raise ValueError(
+                f"{index_file}: maps {name} to {shard}, but that shard does not hold it; the "
+                "index and the shards come from different downloads"
+            )
+    return locations
+
+
+def _shard_tensors(path: Path) -> list[TensorLocation]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {size} bytes, too short for a safetensors shard; truncated")
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            raise ValueError(
+                f"{path}: header of {header_len} bytes runs past the end of the {size}-byte file; "
+                "the shard is truncated or not safetensors"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable safetensors header ({e})") from e
+    data_start = 8 + header_len
+    out = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        shape = tuple(int(x) for x in entry["shape"])
+        loc = TensorLocation(name, path, entry["dtype"], shape, data_start + begin, end - begin)
+        if data_start + end > size:
+            raise ValueError(
+                f"{path}: {name} ends at byte {data_start + end}, the file has {size} bytes: "
+                "the shard is truncated; download it again"
+            )
+        if entry["dtype"] in SAFETENSORS_DTYPES:
+            expected = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize
+            if expected != loc.nbytes:
+                raise ValueError(
+                    f"{path}: {name} is {entry['dtype']} {list(shape)} ({expected} bytes) but "
+                    f"its data offsets span {loc.nbytes} bytes: corrupt header"
+                )
+        out.append(loc)
+    return out
+
+
+def stream_fp8_table_rows(
+    table: Table, weight: TensorLocation, scale: TensorLocation, *, chunk_rows: int = 1 << 18
+) -> None:
+    """Copy an fp8 table from safetensors shards into ``table`` (any tier, ``dtype`` fp8),
+    ``chunk_rows`` rows at a time, bytes unchanged (``tables.fp8`` packed rows).
+
+    ``weight`` is float8_e4m3fn [num_rows, dim] and ``scale`` float8_e8m0fnu [num_rows, dim/32]
+    (one scale per 32 values of a row: DeepSeek-V4.1's ``embed.weight``/``embed.scale``). Both
+    are checked against the table first; memory stays at one chunk (~70 MB at dim 256).
+    """
+    from engramlm.tables import fp8
+
+    dim = table.dim
+    expect = {
+        weight.name: ("F8_E4M3", (table.num_rows, dim)),
+        scale.name: ("F8_E8M0", (table.num_rows, dim // fp8.BLOCK)),
+    }
+    for loc in (weight, scale):
+        dtype, shape = expect[loc.name]
+        if (loc.dtype, loc.shape) != (dtype, shape):
+            hint = (
+                f"one E8M0 scale per {fp8.BLOCK} values of a row"
+                if loc is scale
+                else "fp8 e4m3 rows"
+            )
+            raise ValueError(
+                f"{loc.name} ({loc.path.name}) is {loc.dtype} {list(loc.shape)}, the table needs "
+                f"{dtype} {list(shape)} ({hint})"
+            )
+    for start, stop in row_chunks(table.num_rows, chunk_rows):
+        packed = fp8.pack_rows(weight.read(start, stop), scale.read(start, stop))
+        write_range(table, start, packed)
+    if isinstance(table, OffloadedTable):
+        table.flush()
+    logger.info(
+        "streamed %s [%d, %d] fp8 into a %s", weight.name, table.num_rows, dim, type(table).__name__
+    )
