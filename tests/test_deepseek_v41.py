@@ -518,3 +518,45 @@ def test_compressed_ids_out_of_range_are_refused(ckpt):
     module = load_engram(path)[1]
     with pytest.raises(ValueError, match=r"outside \[0, 500\)"):
         module.hash_ids(torch.tensor([[3, 500]]))
+
+
+# --- tokenizer compression (spec §2) -----------------------------------------------------------
+def ref_normalize(text: str) -> str:  # spec §2's normalizer sequence, in plain Python
+    import re
+    import unicodedata
+
+    s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+    s = "".join(ch for ch in s if unicodedata.category(ch) != "Mn").lower()
+    s = re.sub(r"[ \t\r\n]+", " ", s)
+    return " " if s == " " else s.strip()
+
+
+@pytest.fixture(scope="module")
+def byte_bpe():
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    byte = pre_tokenizers.ByteLevel.alphabet()
+    extra = ["Ġa", "ĠA", "ĠAPPLE", "Ġapple", "apple", "Ã©", "Ċ", "ĊĊ", "ĠĠ", "caf", "cafÃ©"]
+    vocab = {tok: i for i, tok in enumerate(sorted(byte) + extra)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<pad>", special=True)])
+    return tok
+
+
+def test_compressed_vocab_is_the_spec_construction(byte_bpe):
+    keys: dict[str, int] = {}
+    expected = []
+    for t in range(byte_bpe.get_vocab_size(with_added_tokens=True)):
+        text = byte_bpe.decode([t], skip_special_tokens=False)
+        key = byte_bpe.id_to_token(t) if "\ufffd" in text else (ref_normalize(text) or text)
+        expected.append(keys.setdefault(key, len(keys)))
+    vocab = CompressedVocab.from_tokenizer(byte_bpe, expected_size=len(keys))
+    assert vocab.lookup.tolist() == expected
+    assert vocab.num_compressed < vocab.vocab_size  # " apple", "APPLE", "apple" ... merged
+
+
+def test_compressed_vocab_of_the_wrong_size_is_refused(byte_bpe):
+    with pytest.raises(ValueError, match="engram_compressed_vocab_size"):
+        CompressedVocab.from_tokenizer(byte_bpe, expected_size=99092)
