@@ -560,3 +560,23 @@ def test_compressed_vocab_is_the_spec_construction(byte_bpe):
 def test_compressed_vocab_of_the_wrong_size_is_refused(byte_bpe):
     with pytest.raises(ValueError, match="engram_compressed_vocab_size"):
         CompressedVocab.from_tokenizer(byte_bpe, expected_size=99092)
+
+
+# --- the served-from-disk recipe, tiny -------------------------------------------------------
+def test_disk_recipe_decodes_through_engram_layers_at_tiny_size(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    args = ["--dir", str(tmp_path / "v41"), "--table-gb", "0.02", "--prefill", "4", "--steps", "4"]
+    out = subprocess.run(
+        [sys.executable, str(root / "recipes" / "deepseek_v41_disk.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "rows read from the files" in out and "peak RSS" in out
+    assert not (tmp_path / "v41").exists()  # checkpoint and tables deleted
