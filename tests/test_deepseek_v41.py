@@ -580,3 +580,18 @@ def test_disk_recipe_decodes_through_engram_layers_at_tiny_size(tmp_path):
     ).stdout
     assert "rows read from the files" in out and "peak RSS" in out
     assert not (tmp_path / "v41").exists()  # checkpoint and tables deleted
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tier", ["device", "host"])
+def test_cuda_forward_matches_reference_within_bf16(ckpt, tier):
+    path, info = ckpt
+    module = load_engram(path, tables=tier, device="cuda")[14]
+    g = torch.Generator().manual_seed(9)
+    ids, dead = random_ids(g, 2, 24, info["vc"])
+    h = torch.randn(2, 24, info["hc"], info["D"], generator=g).to(torch.bfloat16)
+    got = module(h.cuda(), ids.cuda(), dead.cuda())
+    want = ref_forward(h, ref_rows(info, 14, ids, dead), info["layers"][14], ~dead)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want)
