@@ -300,7 +300,11 @@ class DeepSeekV41Engram(nn.Module):
     ) -> Tensor:
         """([B, T, hc, D], [B, T] compressed ids, [B, T] bool) -> [B, T, hc, D] streams."""
         ids = self._ids(compressed_ids, dead)
-        B, T = ids.shape
+        if streams.dim() != 4 or streams.shape[:2] != ids.shape:
+            raise ValueError(
+                f"streams must be [B, T, hc, D] with [B, T] = {list(ids.shape)} (the ids' shape), "
+                f"got {list(streams.shape)}"
+            )
         start = self.length if start_pos is None else start_pos
         local = self._local_ids(ids, start)  # [B, T, H]
         u = self.engram.gated_value(streams, local, mask=ids != DEAD)  # [B, T, hc, D] fp32
