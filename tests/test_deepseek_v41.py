@@ -595,3 +595,20 @@ def test_cuda_forward_matches_reference_within_bf16(ckpt, tier):
     want = ref_forward(h, ref_rows(info, 14, ids, dead), info["layers"][14], ~dead)
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), want)
+
+
+def test_a_failed_stream_leaves_no_half_written_tables(ckpt, tmp_path, monkeypatch):
+    from engramlm import table_io
+
+    path, _ = ckpt
+    real_read = table_io.TensorLocation.read
+
+    def failing_read(self, *args, **kwargs):
+        if self.name == "layers.14.engram.embed.weight":
+            raise OSError("EIO: simulated read error")
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(table_io.TensorLocation, "read", failing_read)
+    with pytest.raises(OSError, match="simulated"):
+        load_engram(path, tables="disk", table_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # layer 1's finished table is removed too

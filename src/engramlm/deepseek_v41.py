@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,9 @@ from engramlm.engram import Engram, table_rows
 from engramlm.hashing import DEAD, NgramHasher, head_moduli, layer_multipliers
 from engramlm.tables import DeviceTable, MemoryStore, OffloadedTable, Table, disk_table, fp8
 from engramlm.tokenization import CompressedVocab
+
+if TYPE_CHECKING:
+    from engramlm.table_io import TensorLocation
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +357,7 @@ def load_engram(
     shapes, the scale layouts, truncated shards; a disk ``table_dir`` must not hold the tables
     already. Rows are streamed chunk by chunk, so a 98 GB table never passes through memory.
     """
-    from engramlm.table_io import TensorLocation, safetensors_index, stream_fp8_table_rows
+    from engramlm.table_io import safetensors_index
 
     if tables not in ("device", "host", "disk"):
         raise ValueError(f"tables must be 'device', 'host' or 'disk', got {tables!r}")
@@ -418,28 +422,54 @@ def load_engram(
         dead=True,
     ).to(device)
     modules: dict[int, DeepSeekV41Engram] = {}
-    for layer, rows in zip(config.layer_ids, config.num_embeddings, strict=True):
-        locs = layers[layer]
-        table = _fp8_table(tables, rows, E, layer, table_dir, device, cache_mb)
-        stream_fp8_table_rows(table, locs["embed.weight"], locs["embed.scale"])
-        module = DeepSeekV41Engram(config, layer, table, hasher=hasher)
-        engram = module.engram
-        with torch.no_grad():
-            wkv = fp8.dequantize_blocks(locs["wkv.weight"].read(), locs["wkv.scale"].read())
-            engram.kv_proj.weight = nn.Parameter(wkv.to(device, dtype), requires_grad=False)
-            assert engram.query_norm is not None and engram.key_norm is not None
-            qk = locs["q_weight"].read().float() * locs["k_weight"].read().float()  # [M, D]
-            engram.query_norm.weight.copy_(qk)
-            engram.key_norm.weight.fill_(1.0)
-        engram.query_norm.to(device)
-        engram.key_norm.to(device)
-        engram.offsets = engram.offsets.to(device)
-        module.requires_grad_(False)
-        modules[layer] = module.eval()
-        logger.info(
-            "loaded DeepSeek-V4.1 Engram layer %d: %d rows on the %s tier", layer, rows, tables
-        )
+    created: list[Table] = []
+    try:
+        for layer, rows in zip(config.layer_ids, config.num_embeddings, strict=True):
+            table = _fp8_table(tables, rows, E, layer, table_dir, device, cache_mb)
+            created.append(table)
+            modules[layer] = _load_layer(config, layer, table, layers[layer], hasher, device, dtype)
+            logger.info(
+                "loaded DeepSeek-V4.1 Engram layer %d: %d rows, %s tier", layer, rows, tables
+            )
+    except BaseException:  # an unreadable shard mid-stream: leave no half-written tables behind
+        if tables == "disk":
+            assert table_dir is not None
+            for table in created:
+                if isinstance(table, OffloadedTable):
+                    table.close()
+            for layer in config.layer_ids:
+                shutil.rmtree(Path(table_dir) / f"engram_layer{layer}", ignore_errors=True)
+        raise
     return modules
+
+
+def _load_layer(
+    config: DeepSeekV41Config,
+    layer: int,
+    table: Table,
+    locs: dict[str, TensorLocation],
+    hasher: NgramHasher,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> DeepSeekV41Engram:
+    """One layer's module: the table's rows streamed in, ``wkv`` dequantised, q * k folded."""
+    from engramlm.table_io import stream_fp8_table_rows
+
+    stream_fp8_table_rows(table, locs["embed.weight"], locs["embed.scale"])
+    module = DeepSeekV41Engram(config, layer, table, hasher=hasher)
+    engram = module.engram
+    assert engram.query_norm is not None and engram.key_norm is not None
+    with torch.no_grad():
+        wkv = fp8.dequantize_blocks(locs["wkv.weight"].read(), locs["wkv.scale"].read())
+        engram.kv_proj.weight = nn.Parameter(wkv.to(device, dtype), requires_grad=False)
+        qk = locs["q_weight"].read().float() * locs["k_weight"].read().float()  # [M, D]
+        engram.query_norm.weight.copy_(qk)
+        engram.key_norm.weight.fill_(1.0)
+    engram.query_norm.to(device)
+    engram.key_norm.to(device)
+    engram.offsets = engram.offsets.to(device)
+    module.requires_grad_(False)
+    return module.eval()
 
 
 def _fp8_table(
