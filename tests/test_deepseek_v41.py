@@ -283,6 +283,7 @@ def test_preset_is_the_released_config():
     config = DeepSeekV41Config.from_json(RELEASED_HF_CONFIG)
     assert config.engram == EngramConfig.preset("deepseek-v4.1-flash")
     e = config.engram
+    assert EngramConfig.from_dict(e.to_dict()) == e
     assert (e.num_heads, e.head_dim, e.bias, e.short_conv, e.gate_fp32) == (
         24,
         256,
