@@ -171,7 +171,13 @@ SMALL = dict(
 
 
 def write_checkpoint(
-    path: Path, *, spelling: str = "hf", seed: int = 0, drop: str | None = None, **changes
+    path: Path,
+    *,
+    spelling: str = "hf",
+    seed: int = 0,
+    drop: str | None = None,
+    name_prefix: str = "",
+    **changes,
 ) -> dict:
     """A V4.1-format checkpoint in three shards + index; -> its tensors (uint8 bytes) by layer."""
     c = {**SMALL, **changes}
@@ -198,7 +204,7 @@ def write_checkpoint(
             "k": (1 + 0.5 * torch.randn(M, D, generator=g)).to(torch.bfloat16),
         }
         record[layer] = ck
-        prefix = f"layers.{layer}.engram."
+        prefix = f"{name_prefix}layers.{layer}.engram."
         tensors[prefix + "embed.weight"] = ck["embed_w"].view(torch.float8_e4m3fn)
         tensors[prefix + "embed.scale"] = ck["embed_s"].view(torch.float8_e8m0fnu)
         tensors[prefix + "wkv.weight"] = ck["wkv_w"].view(torch.float8_e4m3fn)
@@ -613,3 +619,34 @@ def test_a_failed_stream_leaves_no_half_written_tables(ckpt, tmp_path, monkeypat
     with pytest.raises(OSError, match="simulated"):
         load_engram(path, tables="disk", table_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # layer 1's finished table is removed too
+
+
+def test_positions_never_written_read_as_dead(ckpt):
+    path, info = ckpt
+    module = load_engram(path)[1]
+    g = torch.Generator().manual_seed(10)
+    ids, _ = random_ids(g, 2, 6, info["vc"])
+    unknown = torch.full((2, 5), DEAD)  # positions 0..4 never written: DEAD, never the pad
+    want = ref_rows(
+        info,
+        1,
+        torch.cat([unknown.clamp_min(0), ids], 1),
+        torch.cat([unknown == DEAD, torch.zeros_like(ids, dtype=torch.bool)], 1),
+    )
+    assert torch.equal(module.hash_ids(ids, start_pos=5), want[:, 5:])
+
+
+def test_hf_prefixed_names_and_shards_without_an_index_load(tmp_path):
+    info = write_checkpoint(tmp_path, name_prefix="model.")
+    (tmp_path / "model.safetensors.index.json").unlink()
+    modules = load_engram(tmp_path)
+    g = torch.Generator().manual_seed(11)
+    ids, dead = random_ids(g, 1, 12, info["vc"])
+    assert torch.equal(modules[14].hash_ids(ids, dead), ref_rows(info, 14, ids, dead))
+
+
+def test_index_naming_a_missing_shard_is_refused(tmp_path):
+    write_checkpoint(tmp_path)
+    next(tmp_path.glob("*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match="shard named by model.safetensors.index.json"):
+        load_engram(tmp_path)
