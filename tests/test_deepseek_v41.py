@@ -511,13 +511,32 @@ def test_truncated_shard_is_refused_and_nothing_is_written(tmp_path):
     assert not (tmp_path / "tables").exists() or not any((tmp_path / "tables").iterdir())
 
 
-def test_disk_tables_are_not_overwritten(ckpt, tmp_path):
+def test_complete_disk_tables_are_served_again_without_copying(ckpt, tmp_path):
+    path, info = ckpt
+    first = load_engram(path, tables="disk", table_dir=tmp_path)
+    for module in first.values():
+        module.engram.table.close()
+    file = tmp_path / "engram_layer1" / "weight.engt"
+    before = file.stat().st_mtime_ns
+    again = load_engram(path, tables="disk", table_dir=tmp_path)
+    assert file.stat().st_mtime_ns == before  # not rewritten
+    rows = torch.randint(0, info["rows"][1], (300,), generator=torch.Generator().manual_seed(12))
+    want = ref_dequant_rows(info["layers"][1]["embed_w"], info["layers"][1]["embed_s"])[rows]
+    assert torch.equal(again[1].engram.table.lookup(rows), want)
+
+
+def test_incomplete_or_foreign_disk_tables_are_refused_and_kept(ckpt, tmp_path):
     path, _ = ckpt
-    load_engram(path, tables="disk", table_dir=tmp_path)
-    before = (tmp_path / "engram_layer1" / "weight.engt").stat().st_mtime_ns
-    with pytest.raises(FileExistsError, match="exist already"):
+    for module in load_engram(path, tables="disk", table_dir=tmp_path).values():
+        module.engram.table.close()
+    other = tmp_path / "other"
+    write_checkpoint(other, seed=1)  # same layout, other bytes
+    with pytest.raises(FileExistsError, match="not complete tables of this checkpoint"):
+        load_engram(other, tables="disk", table_dir=tmp_path)
+    (tmp_path / "engram_layer14" / "source.json").unlink()  # as after an interrupted copy
+    with pytest.raises(FileExistsError, match=r"engram_layer14'\]"):
         load_engram(path, tables="disk", table_dir=tmp_path)
-    assert (tmp_path / "engram_layer1" / "weight.engt").stat().st_mtime_ns == before
+    assert (tmp_path / "engram_layer14" / "weight.engt").exists()  # refused, not deleted
 
 
 def test_compressed_ids_out_of_range_are_refused(ckpt):

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TableTier = Literal["device", "host", "disk"]
+SOURCE_RECORD = "source.json"  # beside a complete disk table: the checkpoint bytes it holds
 
 # Released multipliers (spec §3.3), the ground truth: numpy does not promise its Generator
 # streams across versions, so the ones we draw for the released config are checked against these.
@@ -354,10 +355,14 @@ def load_engram(
     ``engram_pad_id``, which the released tokenizer maps to itself (spec §2).
 
     Everything is checked before anything is written: missing tensors (all named), dtypes,
-    shapes, the scale layouts, truncated shards; a disk ``table_dir`` must not hold the tables
-    already. Rows are streamed chunk by chunk, so a 98 GB table never passes through memory.
+    shapes, the scale layouts, truncated shards. Rows are streamed chunk by chunk, so a 98 GB
+    table never passes through memory. A disk table, once complete and synced, gets a
+    ``source.json`` naming the checkpoint bytes it was copied from
+    (``table_io.fp8_table_source``); a later load with the same ``table_dir`` serves such a table
+    as it is instead of copying it again, and refuses a folder without that record (an
+    interrupted copy) or with another (other bytes), naming the folder to delete.
     """
-    from engramlm.table_io import safetensors_index
+    from engramlm.table_io import fp8_table_source, safetensors_index, stream_fp8_table_rows
 
     if tables not in ("device", "host", "disk"):
         raise ValueError(f"tables must be 'device', 'host' or 'disk', got {tables!r}")
@@ -403,17 +408,29 @@ def load_engram(
             "(scales: one E8M0 per 32 values of a table row, 32x32 blocks of wkv):\n  "
             + "\n  ".join(problems)
         )
+    sources = {  # only disk tables outlive the process
+        layer: fp8_table_source(locs["embed.weight"], locs["embed.scale"])
+        for layer, locs in layers.items()
+        if tables == "disk"
+    }
+    reuse: set[int] = set()
     if tables == "disk":
         assert table_dir is not None
-        existing = [
-            Path(table_dir) / f"engram_layer{layer}"
-            for layer in config.layer_ids
-            if (Path(table_dir) / f"engram_layer{layer}").exists()
-        ]
-        if existing:
+        stale = []
+        for layer in config.layer_ids:
+            folder = Path(table_dir) / f"engram_layer{layer}"
+            if not folder.exists():
+                continue
+            record = folder / SOURCE_RECORD
+            if record.is_file() and json.loads(record.read_text()) == sources[layer]:
+                reuse.add(layer)
+            else:
+                stale.append(str(folder))
+        if stale:
             raise FileExistsError(
-                f"{[str(p) for p in existing]} exist already; load into an empty table_dir (or "
-                "serve existing tables with DeepSeekV41Engram and disk_table(create=False))"
+                f"{stale} exist but are not complete tables of this checkpoint (no "
+                f"{SOURCE_RECORD}: an interrupted copy; or one recording other bytes): delete "
+                "them, or pass another table_dir"
             )
     hasher = NgramHasher.from_config(
         config.engram,
@@ -422,25 +439,50 @@ def load_engram(
         dead=True,
     ).to(device)
     modules: dict[int, DeepSeekV41Engram] = {}
-    created: list[Table] = []
+    opened: list[Table] = []
     try:
         for layer, rows in zip(config.layer_ids, config.num_embeddings, strict=True):
-            table = _fp8_table(tables, rows, E, layer, table_dir, device, cache_mb)
-            created.append(table)
-            modules[layer] = _load_layer(config, layer, table, layers[layer], hasher, device, dtype)
-            logger.info(
-                "loaded DeepSeek-V4.1 Engram layer %d: %d rows, %s tier", layer, rows, tables
+            locs = layers[layer]
+            table = _fp8_table(
+                tables, rows, E, layer, table_dir, device, cache_mb, create=layer not in reuse
             )
-    except BaseException:  # an unreadable shard mid-stream: leave no half-written tables behind
+            opened.append(table)
+            if layer not in reuse:
+                stream_fp8_table_rows(table, locs["embed.weight"], locs["embed.scale"])
+                if tables == "disk":
+                    assert isinstance(table, OffloadedTable) and table_dir is not None
+                    table.weight_store.sync()  # durable before it is recorded as complete
+                    _write_record(Path(table_dir) / f"engram_layer{layer}", sources[layer])
+            modules[layer] = _load_layer(config, layer, table, locs, hasher, device, dtype)
+            how = "served as it was" if layer in reuse else "copied"
+            logger.info(
+                "DeepSeek-V4.1 Engram layer %d: %d rows, %s tier, %s", layer, rows, tables, how
+            )
+    except BaseException:  # e.g. an unreadable shard mid-stream: no half-written tables left
+        for table in opened:
+            if isinstance(table, OffloadedTable):
+                table.close()
         if tables == "disk":
             assert table_dir is not None
-            for table in created:
-                if isinstance(table, OffloadedTable):
-                    table.close()
-            for layer in config.layer_ids:
+            for layer in set(config.layer_ids) - reuse:
                 shutil.rmtree(Path(table_dir) / f"engram_layer{layer}", ignore_errors=True)
         raise
     return modules
+
+
+def _write_record(folder: Path, source: dict[str, Any]) -> None:
+    """``folder/source.json``, atomically: the table there is complete (see load_engram)."""
+    tmp = folder / (SOURCE_RECORD + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(source, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(folder / SOURCE_RECORD)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _load_layer(
@@ -452,10 +494,7 @@ def _load_layer(
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> DeepSeekV41Engram:
-    """One layer's module: the table's rows streamed in, ``wkv`` dequantised, q * k folded."""
-    from engramlm.table_io import stream_fp8_table_rows
-
-    stream_fp8_table_rows(table, locs["embed.weight"], locs["embed.scale"])
+    """One layer's module around its (filled) table: ``wkv`` dequantised, q * k folded."""
     module = DeepSeekV41Engram(config, layer, table, hasher=hasher)
     engram = module.engram
     assert engram.query_norm is not None and engram.key_norm is not None
@@ -480,6 +519,8 @@ def _fp8_table(
     table_dir: str | os.PathLike[str] | None,
     device: torch.device | str,
     cache_mb: int,
+    *,
+    create: bool = True,
 ) -> Table:
     if tier == "device":
         return DeviceTable(rows, dim, dtype=fp8.FP8).to(device)
@@ -487,7 +528,9 @@ def _fp8_table(
         return OffloadedTable(MemoryStore(rows, dim, dtype=fp8.FP8), device=device)
     assert table_dir is not None
     path = Path(table_dir) / f"engram_layer{layer}"
-    return disk_table(path, rows, dim, cache_bytes=cache_mb << 20, device=device, dtype=fp8.FP8)
+    return disk_table(
+        path, rows, dim, cache_bytes=cache_mb << 20, device=device, dtype=fp8.FP8, create=create
+    )
 
 
 def table_bytes(config: DeepSeekV41Config) -> dict[int, int]:

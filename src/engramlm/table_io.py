@@ -25,6 +25,7 @@ import math
 import os
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -390,3 +391,28 @@ def stream_fp8_table_rows(
     logger.info(
         "streamed %s [%d, %d] fp8 into a %s", weight.name, table.num_rows, dim, type(table).__name__
     )
+
+
+def fp8_table_source(weight: TensorLocation, scale: TensorLocation) -> dict[str, Any]:
+    """What identifies the rows :func:`stream_fp8_table_rows` copies from ``weight``/``scale``:
+    per tensor its shard's name and size, byte range, dtype, shape and a CRC32 of its first and
+    last MiB. Recorded beside a disk table once it is complete, so a later load can serve the
+    table instead of copying it again (DeepSeek-V4.1's are ~100 GB) and refuse one copied from
+    other bytes. A cheap fingerprint, not a full checksum: reading 100 GB is what it avoids."""
+    out: dict[str, Any] = {"format": "fp8 e4m3 rows + E8M0 scales per 32 values, packed"}
+    for role, loc in (("weight", weight), ("scale", scale)):
+        edge = min(loc.nbytes, 1 << 20)
+        with open(loc.path, "rb") as f:
+            head = os.pread(f.fileno(), edge, loc.offset)
+            tail = os.pread(f.fileno(), edge, loc.offset + loc.nbytes - edge)
+        out[role] = {
+            "name": loc.name,
+            "shard": loc.path.name,
+            "shard_bytes": loc.path.stat().st_size,
+            "offset": loc.offset,
+            "nbytes": loc.nbytes,
+            "dtype": loc.dtype,
+            "shape": list(loc.shape),
+            "edge_crc32": [zlib.crc32(head), zlib.crc32(tail)],
+        }
+    return out

@@ -859,6 +859,14 @@ class DiskStore:
         if self._journal_bytes:  # else every in-place write is synced already: skip the fsyncs
             self._checkpoint()
 
+    def sync(self) -> None:
+        """:meth:`flush`, then make the file's data durable (``fsync``), bulk writes included:
+        what a caller needs before recording that a table is complete."""
+        with self._lock:
+            self._check_open()
+            self._flush_locked()
+            os.fsync(self._fd)
+
     def snapshot(self, dest: str | os.PathLike[str]) -> int:
         """Copy the rows as they are now into a new file ``dest``; -> its data checksum.
 
