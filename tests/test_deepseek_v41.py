@@ -463,6 +463,8 @@ def test_tiers_serve_identical_rows(ckpt, tmp_path):
     want = ref_dequant_rows(info["layers"][14]["embed_w"], info["layers"][14]["embed_s"])[rows]
     for table in (device, host, disk, disk):  # disk twice: from the file, then from its cache
         assert torch.equal(table.lookup(rows), want)
+    stats = disk.weight_store.stats()
+    assert stats["hits"] > 0 and stats["misses"] > 0  # both paths were taken
 
 
 # --- bad checkpoints -----------------------------------------------------------------------

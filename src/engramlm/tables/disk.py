@@ -455,9 +455,17 @@ class DiskStore:
             _fsync_dir(self.journal_path)
         self._replay_journal()
 
-        self.capacity = max(0, cache_bytes) // (4 * self.dim + _ROW_OVERHEAD_BYTES)
+        # fp8 tables cache their packed rows as stored (264 bytes at dim 256, not 1 KB of
+        # float32: ~3.9x the rows per byte) and dequantise hits; others cache float32 rows.
+        self._cache_packed = self.dtype == fp8.FP8
+        self._slot_bytes = self._row_bytes if self._cache_packed else 4 * self.dim
+        self.capacity = max(0, cache_bytes) // (self._slot_bytes + _ROW_OVERHEAD_BYTES)
         self._slot_row = np.full(self.capacity, -1, dtype=np.int64)
-        self._slot_data = np.zeros((self.capacity, self.dim), dtype=np.float32)
+        self._slot_data = (
+            np.zeros((self.capacity, self._width), dtype=np.uint8)
+            if self._cache_packed
+            else np.zeros((self.capacity, self.dim), dtype=np.float32)
+        )
         self._slot_dirty = np.zeros(self.capacity, dtype=bool)
         self._slot_freq = np.zeros(self.capacity, dtype=np.uint8)
         self._slot_tick = np.zeros(self.capacity, dtype=np.int64)
@@ -700,15 +708,18 @@ class DiskStore:
             self._check_open()
             freq, hit, hit_slots = self._access(r)
             out = np.empty((len(r), self.dim), dtype=np.float32)
-            out[hit] = self._slot_data[hit_slots]
+            cached = self._slot_data[hit_slots]
+            out[hit] = self._from_storage(cached) if self._cache_packed else cached
             miss = np.flatnonzero(~hit)
             self._stats["hits"] += len(hit_slots)
             self._stats["misses"] += len(miss)
             if len(miss):
                 missed, first, inverse = np.unique(r[miss], return_index=True, return_inverse=True)
-                values = self._from_storage(self._read_file_rows(missed))
+                stored = self._read_file_rows(missed)
+                values = self._from_storage(stored)
                 out[miss] = values[inverse]
-                self._install(missed, values, freq[miss][first], hit_slots, dirty=False)
+                slot_values = stored if self._cache_packed else values
+                self._install(missed, slot_values, freq[miss][first], hit_slots, dirty=False)
         return torch.from_numpy(out)
 
     def warm(self, rows: Tensor | np.ndarray) -> None:
@@ -805,7 +816,10 @@ class DiskStore:
             slots = self._find(np.arange(start, stop))
             cached = slots >= 0
             if cached.any():
-                self._slot_data[slots[cached]] = self._from_storage(stored[cached])
+                fresh = stored[cached]
+                self._slot_data[slots[cached]] = (
+                    fresh if self._cache_packed else self._from_storage(fresh)
+                )
 
     def zero_(self) -> None:
         """Set every row to zero. A file never written since creation is all holes already;
@@ -966,7 +980,7 @@ class DiskStore:
             out: dict[str, float] = dict(self._stats)
             lookups = out["hits"] + out["misses"]
             out["hit_rate"] = out["hits"] / lookups if lookups else 0.0
-            out["bytes_cached"] = self._used * self.dim * 4
+            out["bytes_cached"] = self._used * self._slot_bytes
         return out
 
     # --- the cache ---------------------------------------------------------------------------
