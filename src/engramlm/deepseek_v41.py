@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -102,8 +103,9 @@ class DeepSeekV41Config:
                 f"scale per {fp8.BLOCK} values)"
             )
         engram = self.engram  # validates the shared fields (EngramConfig's checks)
+        moduli = self.moduli
         for layer, rows in zip(self.layer_ids, self.num_embeddings, strict=True):
-            primes = self.moduli[layer]
+            primes = moduli[layer]
             if table_rows(primes) != rows:
                 raise ValueError(
                     f"engram_num_embeddings for layer {layer} is {rows}, but its "
@@ -116,7 +118,7 @@ class DeepSeekV41Config:
                 drawn = self.multipliers(layer)
                 if drawn != RELEASED_MULTIPLIERS[layer]:
                     raise RuntimeError(
-                        f"numpy {__import__('numpy').__version__} draws multipliers {drawn} for "
+                        f"numpy {np.__version__} draws multipliers {drawn} for "
                         f"layer {layer}, the released model uses {RELEASED_MULTIPLIERS[layer]} "
                         "(spec §3.3): this numpy's Generator stream differs; pin numpy 2.x"
                     )
