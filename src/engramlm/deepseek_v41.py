@@ -525,7 +525,8 @@ def _fp8_table(
     create: bool = True,
 ) -> Table:
     if tier == "device":
-        return DeviceTable(rows, dim, dtype=fp8.FP8).to(device)
+        with torch.device(device):  # allocated there: no host copy of a ~100 GB table first
+            return DeviceTable(rows, dim, dtype=fp8.FP8)
     if tier == "host":
         return OffloadedTable(MemoryStore(rows, dim, dtype=fp8.FP8), device=device)
     assert table_dir is not None
