@@ -233,6 +233,7 @@ def test_offloaded_model_holds_no_ngram_table_in_memory(saved, tmp_path: Path) -
         [type(p.engram.table.weight_store) for p in ples],
         biggest < table_rows * 4,
     ) == ([qwen4_exp.Qwen4ExpPLE] * 2, [OffloadedTable] * 2, [DiskStore] * 2, True)
+    assert all(p.engram.table.read_only for p in ples)  # served: no Adam moments beside them
 
 
 def test_forward_prefetches_every_ple_lookup(saved, tmp_path: Path, monkeypatch) -> None:

@@ -204,7 +204,8 @@ class EngramConfig:
     # --- presets and serialisation -----------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> EngramConfig:
-        """Named configurations from SPEC §3: ``demo``, ``engram-27b``, ``engram-40b``, ``tiny``."""
+        """Named configurations: SPEC §3's ``demo``, ``engram-27b``, ``engram-40b``, ``tiny``, and
+        ``deepseek-v4.1-flash`` (the released model's Engram, DEEPSEEK_V41_ENGRAM.md §1)."""
         presets: dict[str, dict[str, Any]] = {
             "demo": {},
             # Paper layers [2, 15] are 1-based; stored 0-based. d_mem 1280 = 2 orders x 640.
@@ -213,6 +214,21 @@ class EngramConfig:
             ),
             "engram-40b": dict(
                 table_sizes=(7_239_680, 7_239_680), embed_dim_per_ngram=640, layer_ids=(1, 14)
+            ),
+            # DeepSeek-V4.1-Flash (DEEPSEEK_V41_ENGRAM.md §1, §5): one prime-search start for
+            # all orders, 8 heads x 256 values, no biases, no short conv, fp32 gate with eps
+            # 1e-20; pad_id is the raw 2 of its tokenizer. engramlm.deepseek_v41 checks the
+            # table rows and multipliers against the release.
+            "deepseek-v4.1-flash": dict(
+                table_sizes=(16_000_000,) * 3,
+                max_ngram=4,
+                embed_dim_per_ngram=8 * 256,
+                layer_ids=(1, 14),
+                pad_id=2,
+                short_conv=False,
+                bias=False,
+                norm_eps=1e-20,
+                gate_fp32=True,
             ),
             "tiny": dict(
                 table_sizes=(5003, 5003),

@@ -244,7 +244,8 @@ class Engram(nn.Module):
     def _gates(self, hidden: Tensor, kv: Tensor) -> Tensor:
         """([B, T, M, D], kv [B, T, (M+1)D]) -> [B, T, M, 1], per-branch gates (SPEC §2.5, §2.8).
 
-        With ``gate_fp32`` the norms, dot product and sigmoid run in fp32 (DeepSeek-V4.1)."""
+        With ``gate_fp32`` the norms, dot product and sigmoid run in fp32 and the gate stays fp32
+        (DeepSeek-V4.1 multiplies it with the value in fp32)."""
         assert self.key_norm is not None and self.query_norm is not None
         keys = kv[..., : self.value_rows.start].unflatten(-1, (self.num_keys, self.hidden_size))
         if self.config.gate_fp32:
@@ -254,7 +255,29 @@ class Engram(nn.Module):
             self.key_norm(keys),
             signed_sqrt=self.config.gate == "signed_sqrt",
         )  # [B, T, M, 1]
-        return alpha.to(kv.dtype)
+        return alpha if self.config.gate_fp32 else alpha.to(kv.dtype)
+
+    def gated_value(self, hidden: Tensor, hash_ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """U = alpha^(m) v per branch: ([B, T, M, D], [B, T, H]) -> [B, T, M, D], before the conv.
+
+        In the model dtype, or in fp32 with ``gate_fp32``: DeepSeek-V4.1 adds gate * value to
+        the streams in fp32 and rounds once (its spec §5 step 5), which ``deepseek_v41`` does
+        with this. ``mask`` as in :meth:`forward`.
+        """
+        B, T, M, D = hidden.shape
+        if M != self.config.num_branches or D != self.hidden_size:
+            raise ValueError(
+                f"hidden must be [B, T, M={self.config.num_branches}, D={self.hidden_size}] "
+                f"(M = hc_mult={self.config.hc_mult}, or 1 with multi_branch=False), "
+                f"got {list(hidden.shape)}"
+            )
+        e = self.retrieve(hash_ids).to(hidden.dtype)  # [B, T, E]
+        kv = self.kv_proj(e)  # [B, T, (M+1)D]: M keys, then the shared value
+        v = kv[..., self.value_rows].unsqueeze(2)  # [B, T, 1, D]
+        u = v.expand(B, T, M, D) if self.num_keys == 0 else self._gates(hidden, kv) * v
+        if mask is not None:
+            u = u * mask[:, :, None, None].to(u.dtype)  # [B, T, M, D]
+        return u
 
     def forward(
         self,
@@ -271,18 +294,7 @@ class Engram(nn.Module):
         add nothing to the residual and feed zeros to the conv.
         """
         B, T, M, D = hidden.shape
-        if M != self.config.num_branches or D != self.hidden_size:
-            raise ValueError(
-                f"hidden must be [B, T, M={self.config.num_branches}, D={self.hidden_size}] "
-                f"(M = hc_mult={self.config.hc_mult}, or 1 with multi_branch=False), "
-                f"got {list(hidden.shape)}"
-            )
-        e = self.retrieve(hash_ids).to(hidden.dtype)  # [B, T, E]
-        kv = self.kv_proj(e)  # [B, T, (M+1)D]: M keys, then the shared value
-        v = kv[..., self.value_rows].unsqueeze(2)  # [B, T, 1, D]
-        u = v.expand(B, T, M, D) if self.num_keys == 0 else self._gates(hidden, kv) * v
-        if mask is not None:
-            u = u * mask[:, :, None, None].to(u.dtype)  # [B, T, M, D]
+        u = self.gated_value(hidden, hash_ids, mask).to(hidden.dtype)  # [B, T, M, D]
         if self.short_conv is None:
             return u, u.new_zeros(B, M * D, 0)
         y, conv_state = self.short_conv(u, conv_state)

@@ -26,8 +26,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -230,9 +233,18 @@ def _check_manifest(manifest: Path, configs: dict[str, Any]) -> None:
 TIER_MANIFEST = "tier.json"
 TIER_FORMAT = 1
 DEFAULT_CACHE_ROWS = 1 << 16  # disk tier: rows of RAM cache per table (e.g. 8 MiB at dim 32)
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_INDEX_FILE = "model.safetensors.index.json"
-_SINGLE_FILE = "model.safetensors"
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "U8": torch.uint8,
+    "I64": torch.int64,
+}
+SHARD_INDEX = "model.safetensors.index.json"
+# Stored dtypes a float table tier reads (fp8 tables go through stream_fp8_table_rows).
+_FLOAT_DTYPES = ("F32", "BF16", "F16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,69 +262,27 @@ class TableSource:
     dim: int
 
 
-def safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON header of a safetensors file, after checking the file holds all the bytes the
-    header promises; ``ValueError`` naming the file when it is missing, damaged or truncated."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint shard {path} is missing: download it again")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"checkpoint shard {path} is damaged or truncated (no full header)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ValueError(f"checkpoint shard {path} has an unreadable header: {e}") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    needed = 8 + n + max(ends, default=0)
-    if size < needed:
-        raise ValueError(
-            f"checkpoint shard {path} is truncated: {size} bytes, its header needs {needed}; "
-            "download it again"
-        )
-    return header
-
-
 def checkpoint_tensors(model_dir: str | os.PathLike[str]) -> dict[str, tuple[Path, list[int], str]]:
-    """{tensor name: (shard file, shape, safetensors dtype)} of a model folder's checkpoint
-    (``model.safetensors.index.json`` or one ``model.safetensors``), reading headers only.
-    Every shard is checked first: a missing or truncated one is named."""
-    directory = Path(model_dir)
-    index = directory / _INDEX_FILE
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (directory / _SINGLE_FILE).is_file():
-        files = [_SINGLE_FILE]
-    else:
-        raise FileNotFoundError(
-            f"{directory} has neither {_INDEX_FILE} nor {_SINGLE_FILE}: not a safetensors "
-            "checkpoint folder"
-        )
-    tensors: dict[str, tuple[Path, list[int], str]] = {}
-    for name in files:
-        path = directory / name
-        for key, info in safetensors_header(path).items():
-            if key != "__metadata__":
-                tensors[key] = (path, list(info["shape"]), info["dtype"])
-    return tensors
+    """{tensor name: (shard file, shape, safetensors dtype)} of a model folder's checkpoint,
+    reading headers only (:func:`safetensors_index`: a missing or truncated shard is named)."""
+    return {
+        name: (loc.path, list(loc.shape), loc.dtype)
+        for name, loc in safetensors_index(model_dir).items()
+    }
 
 
 def source_dtype(source: TableSource) -> str:
     """The safetensors dtype of a table's parts, after checking every part's shard (present,
     complete) and that their shapes add up to [num_rows, dim]; errors name the problem."""
-    headers = {path: safetensors_header(path) for path in {p for p, _ in source.parts}}
-    missing = [f"{path.name}:{key}" for path, key in source.parts if key not in headers[path]]
+    shards = {path: {t.name: t for t in _shard_tensors(path)} for path, _ in source.parts}
+    missing = [f"{path.name}:{key}" for path, key in source.parts if key not in shards[path]]
     if missing:
         raise ValueError(
             f"table {source.name}: tensors {missing[:4]} are missing from their shards"
         )
-    infos = [headers[path][key] for path, key in source.parts]
-    shapes = [info["shape"] for info in infos]
-    dtypes = {info["dtype"] for info in infos}
+    infos = [shards[path][key] for path, key in source.parts]
+    shapes = [info.shape for info in infos]
+    dtypes = {info.dtype for info in infos}
     rows = sum(s[0] for s in shapes)
     dims = {s[1] if len(s) == 2 else None for s in shapes}
     if dims != {source.dim} or rows != source.num_rows:
@@ -321,10 +291,10 @@ def source_dtype(source: TableSource) -> str:
             f"({len(shapes)} parts), the config says [{source.num_rows}, {source.dim}]: the "
             "checkpoint and config.json disagree (a config edited or from another model?)"
         )
-    if len(dtypes) != 1 or not dtypes <= set(_SAFETENSORS_DTYPES):
+    if len(dtypes) != 1 or not dtypes <= set(_FLOAT_DTYPES):
         raise ValueError(
             f"table {source.name} is stored as {sorted(dtypes)}; engramlm's tiers read one of "
-            f"{sorted(_SAFETENSORS_DTYPES)}"
+            f"{sorted(_FLOAT_DTYPES)}"
         )
     return dtypes.pop()
 
@@ -377,10 +347,10 @@ def source_fingerprint(sources: list[TableSource], dtype: str) -> dict[str, Any]
 
 
 def serving_table(store: RowStore, device: torch.device | str | None = None) -> OffloadedTable:
-    """An :class:`OffloadedTable` that serves ``store``'s rows and is never trained: its Adam
-    moment stores alias the weights (no optimiser runs on a released model; zero-filled moments
-    would triple a host tier's memory)."""
-    return OffloadedTable(store, store, store, device=device)
+    """A read-only :class:`OffloadedTable` serving ``store``'s rows: no Adam moment stores (a
+    released model is not trained here; zero-filled moments would triple a host tier's memory),
+    so an optimiser or a write is refused."""
+    return OffloadedTable(store, device=device)
 
 
 def load_table_tier(
@@ -428,7 +398,7 @@ def load_table_tier(
         **source_fingerprint(sources, dtype),
     }
     if not directory.exists() or not any(directory.iterdir()):  # absent, or made empty
-        _build_disk_tier(directory, sources, manifest, _SAFETENSORS_DTYPES[dtype])
+        _build_disk_tier(directory, sources, manifest, SAFETENSORS_DTYPES[dtype])
     _check_tier(directory, manifest)
     rows = DEFAULT_CACHE_ROWS if cache_rows is None else cache_rows
     if rows < 0:
@@ -546,3 +516,192 @@ def _build_disk_tier(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     logger.info("built the disk tier %s (%.2f GB)", directory, needed / 1e9)
+
+
+# --- tables streamed out of safetensors shards ---------------------------------------------------
+# A released checkpoint's tables (DeepSeek-V4.1's ~98 GB each) are larger than memory: their rows
+# go from the shard files into a tier chunk by chunk, never whole. Shard headers are parsed and
+# checked here (not by ``safetensors``' loader) so that a truncated shard or a tensor of the wrong
+# dtype or shape is refused, by name, before any row is copied.
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie in a safetensors shard: ``nbytes`` from byte ``offset``."""
+
+    name: str
+    path: Path
+    dtype: str  # the safetensors spelling, e.g. "F8_E4M3"
+    shape: tuple[int, ...]
+    offset: int  # absolute, in the file
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"{self.name} in {self.path.name} has dtype {self.dtype}, which engramlm does not "
+                f"read (known: {sorted(SAFETENSORS_DTYPES)})"
+            )
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    def read(self, start_row: int = 0, stop_row: int | None = None) -> Tensor:
+        """Rows [start_row, stop_row) of the tensor (all of it by default), read from the file."""
+        rows = self.shape[0] if self.shape else 1
+        stop_row = rows if stop_row is None else stop_row
+        row_bytes = self.nbytes // rows if rows else 0
+        length = (stop_row - start_row) * row_bytes
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), length, self.offset + start_row * row_bytes)
+        if len(data) != length:
+            raise ValueError(
+                f"{self.path}: short read of {self.name} ({len(data)} of {length} bytes): the "
+                "shard is truncated; download it again"
+            )
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if length else None
+        shape = (stop_row - start_row, *self.shape[1:]) if self.shape else ()
+        if flat is None:
+            return torch.empty(shape, dtype=self.torch_dtype)
+        return flat.view(self.torch_dtype).reshape(shape)
+
+
+def safetensors_index(checkpoint_dir: str | os.PathLike[str]) -> dict[str, TensorLocation]:
+    """{tensor name: location} of every tensor in a checkpoint folder's safetensors shards.
+
+    Reads ``model.safetensors.index.json`` when there is one (and checks that every shard it
+    names exists and holds the tensors it says), else every ``*.safetensors`` in the folder.
+    Each shard header is validated: a tensor whose bytes run past the end of its file (a
+    truncated shard), a byte count that does not match its dtype and shape, or a header that is
+    not JSON raises ``ValueError`` naming the shard, the tensor and the fix.
+    """
+    directory = Path(checkpoint_dir)
+    index_file = directory / SHARD_INDEX
+    if index_file.is_file():
+        weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    else:
+        weight_map = {}
+        shards = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{directory}: no safetensors shards (*.safetensors) and no index")
+    locations: dict[str, TensorLocation] = {}
+    for shard in shards:
+        path = directory / shard
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint shard {path} is missing (a shard named by {index_file.name}): "
+                "download it again"
+            )
+        for loc in _shard_tensors(path):
+            locations[loc.name] = loc
+    for name, shard in weight_map.items():
+        if name not in locations or locations[name].path.name != shard:
+            raise ValueError(
+                f"{index_file}: maps {name} to {shard}, but that shard does not hold it; the "
+                "index and the shards come from different downloads"
+            )
+    return locations
+
+
+def _shard_tensors(path: Path) -> list[TensorLocation]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {size} bytes, too short for a safetensors shard; truncated")
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            raise ValueError(
+                f"{path}: header of {header_len} bytes runs past the end of the {size}-byte file; "
+                "the shard is truncated or not safetensors"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable safetensors header ({e})") from e
+    data_start = 8 + header_len
+    out = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        shape = tuple(int(x) for x in entry["shape"])
+        loc = TensorLocation(name, path, entry["dtype"], shape, data_start + begin, end - begin)
+        if data_start + end > size:
+            raise ValueError(
+                f"checkpoint shard {path} is truncated: {name} ends at byte {data_start + end}, "
+                f"the file has {size} bytes; download it again"
+            )
+        if entry["dtype"] in SAFETENSORS_DTYPES:
+            expected = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize
+            if expected != loc.nbytes:
+                raise ValueError(
+                    f"{path}: {name} is {entry['dtype']} {list(shape)} ({expected} bytes) but "
+                    f"its data offsets span {loc.nbytes} bytes: corrupt header"
+                )
+        out.append(loc)
+    return out
+
+
+def stream_fp8_table_rows(
+    table: Table, weight: TensorLocation, scale: TensorLocation, *, chunk_rows: int = 1 << 18
+) -> None:
+    """Copy an fp8 table from safetensors shards into ``table`` (any tier, ``dtype`` fp8),
+    ``chunk_rows`` rows at a time, bytes unchanged (``tables.fp8`` packed rows).
+
+    ``weight`` is float8_e4m3fn [num_rows, dim] and ``scale`` float8_e8m0fnu [num_rows, dim/32]
+    (one scale per 32 values of a row: DeepSeek-V4.1's ``embed.weight``/``embed.scale``). Both
+    are checked against the table first; memory stays at one chunk (~70 MB at dim 256).
+    """
+    from engramlm.tables import fp8
+
+    dim = table.dim
+    expect = {
+        weight.name: ("F8_E4M3", (table.num_rows, dim)),
+        scale.name: ("F8_E8M0", (table.num_rows, dim // fp8.BLOCK)),
+    }
+    for loc in (weight, scale):
+        dtype, shape = expect[loc.name]
+        if (loc.dtype, loc.shape) != (dtype, shape):
+            hint = (
+                f"one E8M0 scale per {fp8.BLOCK} values of a row"
+                if loc is scale
+                else "fp8 e4m3 rows"
+            )
+            raise ValueError(
+                f"{loc.name} ({loc.path.name}) is {loc.dtype} {list(loc.shape)}, the table needs "
+                f"{dtype} {list(shape)} ({hint})"
+            )
+    for start, stop in row_chunks(table.num_rows, chunk_rows):
+        packed = fp8.pack_rows(weight.read(start, stop), scale.read(start, stop))
+        write_range(table, start, packed)
+    if isinstance(table, OffloadedTable):
+        table.flush()
+    logger.info(
+        "streamed %s [%d, %d] fp8 into a %s", weight.name, table.num_rows, dim, type(table).__name__
+    )
+
+
+def fp8_table_source(weight: TensorLocation, scale: TensorLocation) -> dict[str, Any]:
+    """What identifies the rows :func:`stream_fp8_table_rows` copies from ``weight``/``scale``:
+    per tensor its shard's name and size, byte range, dtype, shape and a CRC32 of its first and
+    last MiB. Recorded beside a disk table once it is complete, so a later load can serve the
+    table instead of copying it again (DeepSeek-V4.1's are ~100 GB) and refuse one copied from
+    other bytes. A cheap fingerprint, not a full checksum: reading 100 GB is what it avoids."""
+    out: dict[str, Any] = {"format": "fp8 e4m3 rows + E8M0 scales per 32 values, packed"}
+    for role, loc in (("weight", weight), ("scale", scale)):
+        edge = min(loc.nbytes, 1 << 20)
+        with open(loc.path, "rb") as f:
+            head = os.pread(f.fileno(), edge, loc.offset)
+            tail = os.pread(f.fileno(), edge, loc.offset + loc.nbytes - edge)
+        out[role] = {
+            "name": loc.name,
+            "shard": loc.path.name,
+            "shard_bytes": loc.path.stat().st_size,
+            "offset": loc.offset,
+            "nbytes": loc.nbytes,
+            "dtype": loc.dtype,
+            "shape": list(loc.shape),
+            "edge_crc32": [zlib.crc32(head), zlib.crc32(tail)],
+        }
+    return out

@@ -72,8 +72,14 @@ class CompressedVocab:
     fingerprint: str
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> CompressedVocab:
-        """Build P by scanning raw ids 0..V-1; canonical ids in order of first appearance."""
+    def from_tokenizer(cls, tokenizer: Any, *, expected_size: int | None = None) -> CompressedVocab:
+        """Build P by scanning raw ids 0..V-1; canonical ids in order of first appearance.
+
+        Each id's text is the Rust backend's decode with special tokens kept (as DeepSeek-V4.1
+        builds its map; the demo used the Python tokenizer's decode). ``expected_size`` (a
+        checkpoint's ``engram_compressed_vocab_size``) refuses a map of another size: the hash
+        multipliers depend on V', so every table row would move.
+        """
         tok = _backend(tokenizer)
         size = tok.get_vocab_size(with_added_tokens=True)
         normalizer = compression_normalizer()
@@ -86,6 +92,12 @@ class CompressedVocab:
             else:
                 key = normalizer.normalize_str(text) or text
             lookup[raw_id] = key_to_id.setdefault(key, len(key_to_id))
+        if expected_size is not None and len(key_to_id) != expected_size:
+            raise ValueError(
+                f"the tokenizer ({size} ids) compresses to {len(key_to_id)} ids, the model "
+                f"expects {expected_size} (engram_compressed_vocab_size): the hash multipliers "
+                "depend on it, so every table row would move; use the model's own tokenizer"
+            )
         return cls(lookup=lookup, num_compressed=len(key_to_id), fingerprint=vocab_fingerprint(tok))
 
     @classmethod

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engramlm.tables import fp8
 from engramlm.tables.base import TABLE_INIT_STD
 
 
@@ -16,22 +17,45 @@ class DeviceTable(nn.Module):
     ``sparse_grad=True`` the gradient is a sparse COO tensor holding only the looked-up rows,
     which is what ``torch.optim.SparseAdam`` consumes: only addressed rows and their Adam
     moments are touched in a step.
+
+    ``dtype=torch.float8_e4m3fn`` keeps the rows as fp8 with E8M0 scales (``tables.fp8``): a
+    read-only buffer ``packed`` [num_rows, dim + dim/32] uint8, zero until a checkpoint's rows
+    are written into it, dequantised to float32 on lookup (DeepSeek-V4.1's tables).
     """
 
-    def __init__(self, num_rows: int, dim: int, *, sparse_grad: bool = False) -> None:
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        *,
+        sparse_grad: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         if num_rows < 1 or dim < 1:
             raise ValueError(f"table shape must be positive, got num_rows={num_rows}, dim={dim}")
+        if dtype not in (torch.float32, fp8.FP8):
+            raise ValueError(f"DeviceTable stores float32 or float8_e4m3fn rows, got {dtype}")
         self.num_rows = num_rows
         self.dim = dim
+        self.dtype = dtype
         self.sparse_grad = sparse_grad
+        if dtype == fp8.FP8:
+            self.register_buffer(
+                "packed", torch.zeros(num_rows, fp8.packed_width(dim), dtype=torch.uint8)
+            )
+            return
         self.weight = nn.Parameter(torch.empty(num_rows, dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.dtype == fp8.FP8:
+            raise TypeError("an fp8 table is read-only: its rows come from a checkpoint")
         nn.init.normal_(self.weight, std=TABLE_INIT_STD)
 
     def lookup(self, rows: Tensor) -> Tensor:  # [*] -> [*, dim]
+        if self.dtype == fp8.FP8:
+            return fp8.dequantize_rows(self.packed[rows], self.dim)
         return F.embedding(rows, self.weight, sparse=self.sparse_grad)
 
     def prefetch(self, rows: Tensor) -> None:
@@ -41,4 +65,7 @@ class DeviceTable(nn.Module):
         """Rows are already resident: nothing to do."""
 
     def extra_repr(self) -> str:
-        return f"num_rows={self.num_rows}, dim={self.dim}, sparse_grad={self.sparse_grad}"
+        return (
+            f"num_rows={self.num_rows}, dim={self.dim}, dtype={self.dtype}, "
+            f"sparse_grad={self.sparse_grad}"
+        )

@@ -11,7 +11,9 @@ File format (one table, one file; all integers little-endian)::
     offset  size  field
     0       8     magic b"ENGRAMTB"
     8       4     format version (1)
-    12      4     dtype code: 1 float32, 2 bfloat16, 3 float16 (reads/writes are float32)
+    12      4     dtype code: 1 float32, 2 bfloat16, 3 float16 (reads/writes are float32),
+                  4 float8_e4m3fn with E8M0 scales (``tables.fp8`` packed rows: dim value
+                  bytes then dim/32 scale bytes per row; read-only, dequantised on read)
     16      8     num_rows
     24      8     dim
     32      8     data offset (4096: page aligned, so the data can be memory-mapped)
@@ -19,7 +21,7 @@ File format (one table, one file; all integers little-endian)::
     44      4     data checksum state: 0 none (written since), 1 valid
     48      4     CRC32 of bytes 0..48 (the header checksum)
     ...           zero padding to the data offset
-    4096          num_rows * dim rows, row-major, in the storage dtype
+    4096          num_rows rows, row-major, in the storage dtype (dim values; packed for 4)
 
 Data checksum trade-off: one checksum over all the data, computed (64 MiB at a time; holes of
 the sparse file are not read) only at :meth:`DiskStore.close` when something was written or no
@@ -61,6 +63,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engramlm.tables import fp8
 from engramlm.tables.offload import OffloadedTable
 
 log = logging.getLogger(__name__)
@@ -76,8 +79,10 @@ _DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
     1: (torch.float32, np.dtype("<f4")),
     2: (torch.bfloat16, np.dtype("<u2")),
     3: (torch.float16, np.dtype("<f2")),
+    4: (fp8.FP8, np.dtype("u1")),  # packed rows (tables.fp8): values, then E8M0 scales
 }
 _CODES = {torch_dtype: code for code, (torch_dtype, _) in _DTYPES.items()}
+_FP8_CODE = 4
 _CRC_NONE, _CRC_VALID = 0, 1
 _CRC_CHUNK = 64 << 20
 
@@ -95,6 +100,10 @@ _VICTIM_SAMPLE = 1 << 16
 _IN_PLACE_CHUNK_BYTES = 64 << 20
 _READERS = 64  # concurrent row readers for cache misses (see DiskStore._read_file_rows)
 _READER_MIN_ROWS = 256  # fewer misses than this per reader are read inline
+# fp8 tables are only served: a decode step misses ~100 rows, and its latency is the sum of
+# their page faults unless they are spread over readers (benchmarks/deepseek_v41.py, under
+# load: 31.9 -> 22.9 ms per step, 2 GB of tables, 64 MB caches).
+_SERVING_READER_MIN_ROWS = 8
 _PAGE = mmap.PAGESIZE  # what one missed row costs to read (the maps are MADV_RANDOM)
 _JOURNAL_CHECKPOINT_BYTES = 256 << 20
 
@@ -112,6 +121,15 @@ def _reader_pool() -> ThreadPoolExecutor:
 
 class TableFileError(ValueError):
     """A table file (or its journal) that cannot be trusted; the message names file and problem."""
+
+
+def _row_width(code: int, dim: int) -> int:
+    """Stored elements per row: ``dim``, or the packed width (values + scales) for fp8."""
+    return fp8.packed_width(dim) if code == _FP8_CODE else dim
+
+
+def _row_bytes(code: int, dim: int) -> int:
+    return _row_width(code, dim) * _DTYPES[code][1].itemsize
 
 
 def _header_bytes(dtype_code: int, num_rows: int, dim: int, data_crc: int, crc_state: int) -> bytes:
@@ -246,7 +264,7 @@ def _read_snapshot_header(path: Path) -> tuple[int, int, int, int]:
     except OSError as e:
         raise TableFileError(f"{path}: unreadable table file ({e})") from e
     code, num_rows, dim, crc, state = _parse_header(path, raw)
-    expected = DATA_OFFSET + num_rows * dim * _DTYPES[code][1].itemsize
+    expected = DATA_OFFSET + num_rows * _row_bytes(code, dim)
     if size != expected:
         raise TableFileError(
             f"{path}: file is {size} bytes but its header implies {expected}; truncated"
@@ -328,7 +346,8 @@ def _snapshot_rows(path: Path) -> Tensor:  # -> [num_rows, dim] float32
 
 def _map_rows(path: Path, code: int, num_rows: int, dim: int) -> Tensor:
     torch_dtype, np_dtype = _DTYPES[code]
-    rows = np.memmap(path, dtype=np_dtype, mode="c", offset=DATA_OFFSET, shape=(num_rows, dim))
+    shape = (num_rows, _row_width(code, dim))
+    rows = np.memmap(path, dtype=np_dtype, mode="c", offset=DATA_OFFSET, shape=shape)
     if torch_dtype == torch.bfloat16:  # no numpy bfloat16: reinterpret the stored bits
         return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(rows)
@@ -436,9 +455,17 @@ class DiskStore:
             _fsync_dir(self.journal_path)
         self._replay_journal()
 
-        self.capacity = max(0, cache_bytes) // (4 * self.dim + _ROW_OVERHEAD_BYTES)
+        # fp8 tables cache their packed rows as stored (264 bytes at dim 256, not 1 KB of
+        # float32: ~3.9x the rows per byte) and dequantise hits; others cache float32 rows.
+        self._cache_packed = self.dtype == fp8.FP8
+        self._slot_bytes = self._row_bytes if self._cache_packed else 4 * self.dim
+        self.capacity = max(0, cache_bytes) // (self._slot_bytes + _ROW_OVERHEAD_BYTES)
         self._slot_row = np.full(self.capacity, -1, dtype=np.int64)
-        self._slot_data = np.zeros((self.capacity, self.dim), dtype=np.float32)
+        self._slot_data = (
+            np.zeros((self.capacity, self._width), dtype=np.uint8)
+            if self._cache_packed
+            else np.zeros((self.capacity, self.dim), dtype=np.float32)
+        )
         self._slot_dirty = np.zeros(self.capacity, dtype=bool)
         self._slot_freq = np.zeros(self.capacity, dtype=np.uint8)
         self._slot_tick = np.zeros(self.capacity, dtype=np.int64)
@@ -472,7 +499,7 @@ class DiskStore:
             raise ValueError(f"dtype must be one of {sorted(map(str, _CODES))}, got {dtype}")
         path = Path(path)
         code = _CODES[dtype]
-        size = DATA_OFFSET + num_rows * dim * _DTYPES[code][1].itemsize
+        size = DATA_OFFSET + num_rows * _row_bytes(code, dim)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, _header_bytes(code, num_rows, dim, 0, _CRC_NONE), 0)
@@ -504,11 +531,13 @@ class DiskStore:
         self.num_rows, self.dim = num_rows, dim
         self._code = code
         self.dtype, self._np_dtype = _DTYPES[code]
-        self._shape = (self.num_rows, self.dim)
+        self._width = _row_width(code, dim)  # stored elements per row
+        self._row_bytes = _row_bytes(code, dim)
+        self._shape = (self.num_rows, self._width)
         self._data_crc, self._crc_state = crc, state
 
     def _check_size(self) -> None:
-        expected = DATA_OFFSET + self.num_rows * self.dim * self._np_dtype.itemsize
+        expected = DATA_OFFSET + self.num_rows * self._row_bytes
         actual = os.fstat(self._fd).st_size
         if actual != expected:
             raise TableFileError(
@@ -601,8 +630,7 @@ class DiskStore:
         if magic != _RECORD_MAGIC or zlib.crc32(head[:-4]) != head_crc:
             return None
         start = offset + _RECORD.size
-        row_bytes = self.dim * self._np_dtype.itemsize
-        if length != n * (8 + row_bytes) or len(raw) - start < length:
+        if length != n * (8 + self._row_bytes) or len(raw) - start < length:
             return None
         payload = raw[start : start + length]
         if zlib.crc32(payload) != payload_crc:
@@ -610,7 +638,7 @@ class DiskStore:
         rows = np.frombuffer(payload, dtype="<i8", count=n)
         if n and (rows.min() < 0 or rows.max() >= self.num_rows):
             return None
-        values = np.frombuffer(payload, dtype=self._np_dtype, offset=8 * n).reshape(n, self.dim)
+        values = np.frombuffer(payload, dtype=self._np_dtype, offset=8 * n).reshape(n, self._width)
         return rows, values, start + length
 
     def _write_back(self, rows: np.ndarray, values: np.ndarray) -> None:
@@ -628,7 +656,7 @@ class DiskStore:
         os.fsync(self._jfd)
         self._journal_bytes += len(record)
         _fault_hook("journaled")
-        chunk = max(1, _IN_PLACE_CHUNK_BYTES // (self.dim * self._np_dtype.itemsize))
+        chunk = max(1, _IN_PLACE_CHUNK_BYTES // self._row_bytes)
         for start in range(0, len(rows), chunk):
             self._mm[rows[start : start + chunk]] = stored[start : start + chunk]
             _fault_hook("in_place")
@@ -638,6 +666,8 @@ class DiskStore:
 
     # --- dtype conversion --------------------------------------------------------------------
     def _to_storage(self, values: np.ndarray) -> np.ndarray:  # [n, dim] float32 -> storage
+        if self.dtype == fp8.FP8:  # packed rows are stored as they come (see write_range)
+            return np.ascontiguousarray(values, dtype=np.uint8)
         if self.dtype == torch.float32:
             return np.ascontiguousarray(values, dtype="<f4")
         converted = torch.from_numpy(np.ascontiguousarray(values)).to(self.dtype)
@@ -646,6 +676,9 @@ class DiskStore:
         return converted.numpy().astype("<f2")
 
     def _from_storage(self, stored: np.ndarray) -> np.ndarray:  # storage -> [n, dim] float32
+        if self.dtype == fp8.FP8:
+            packed = torch.from_numpy(np.ascontiguousarray(stored))
+            return fp8.dequantize_rows(packed, self.dim).numpy()
         if self.dtype == torch.bfloat16:
             bits = torch.from_numpy(np.ascontiguousarray(stored).view(np.int16))
             return bits.view(torch.bfloat16).float().numpy()
@@ -675,15 +708,18 @@ class DiskStore:
             self._check_open()
             freq, hit, hit_slots = self._access(r)
             out = np.empty((len(r), self.dim), dtype=np.float32)
-            out[hit] = self._slot_data[hit_slots]
+            cached = self._slot_data[hit_slots]
+            out[hit] = self._from_storage(cached) if self._cache_packed else cached
             miss = np.flatnonzero(~hit)
             self._stats["hits"] += len(hit_slots)
             self._stats["misses"] += len(miss)
             if len(miss):
                 missed, first, inverse = np.unique(r[miss], return_index=True, return_inverse=True)
-                values = self._from_storage(self._read_file_rows(missed))
+                stored = self._read_file_rows(missed)
+                values = self._from_storage(stored)
                 out[miss] = values[inverse]
-                self._install(missed, values, freq[miss][first], hit_slots, dirty=False)
+                slot_values = stored if self._cache_packed else values
+                self._install(missed, slot_values, freq[miss][first], hit_slots, dirty=False)
         return torch.from_numpy(out)
 
     def warm(self, rows: Tensor | np.ndarray) -> None:
@@ -707,7 +743,7 @@ class DiskStore:
             r = r[self._find(r) < 0]
         if not hasattr(os, "posix_fadvise") or len(r) == 0:  # macOS has none: hint nothing
             return
-        row_bytes = self.dim * self._np_dtype.itemsize
+        row_bytes = self._row_bytes
         first = (DATA_OFFSET + r * row_bytes) // _PAGE  # a row may straddle two pages
         last = (DATA_OFFSET + (r + 1) * row_bytes - 1) // _PAGE
         pages = np.unique(np.concatenate([first, last]))
@@ -724,6 +760,11 @@ class DiskStore:
 
     def write(self, rows: Tensor, values: Tensor) -> None:
         """Store [n, dim] ``values`` at [n] distinct ids (in the cache; durable at flush)."""
+        if self.dtype == fp8.FP8:
+            raise TypeError(
+                f"{self.path}: fp8 tables are read-only (serving; training fp8 tables is not "
+                "supported): their rows are written whole, packed, with write_range"
+            )
         r = self._check_rows(rows)
         v = values.detach().to("cpu", torch.float32).reshape(-1, self.dim).numpy()
         if v.shape[0] != len(r):
@@ -749,9 +790,19 @@ class DiskStore:
         it leaves a table that must be rebuilt - its checksum is already marked stale), about as
         fast as the disk writes. Pending journaled writes are applied first, so a later journal
         replay can never overwrite these rows with older values; cached copies are updated.
+        An fp8 file takes packed uint8 rows [n, dim + dim/32] (``tables.fp8.pack_rows``).
         """
-        v = self._round(values.detach().to("cpu", torch.float32).reshape(-1, self.dim).numpy())
-        stop = start + v.shape[0]
+        if self.dtype == fp8.FP8:
+            if values.dtype != torch.uint8 or values.dim() != 2 or values.shape[1] != self._width:
+                raise ValueError(
+                    f"{self.path}: an fp8 table takes packed uint8 rows [n, {self._width}] "
+                    f"(tables.fp8.pack_rows), got {values.dtype} {list(values.shape)}"
+                )
+            stored = np.ascontiguousarray(values.detach().to("cpu").numpy())
+        else:
+            v = self._round(values.detach().to("cpu", torch.float32).reshape(-1, self.dim).numpy())
+            stored = np.ascontiguousarray(self._to_storage(v))
+        stop = start + stored.shape[0]
         if start < 0 or stop > self.num_rows:
             raise IndexError(f"{self.path}: rows [{start}, {stop}) outside [0, {self.num_rows})")
         with self._lock:
@@ -760,12 +811,15 @@ class DiskStore:
             self._begin_writes()
             # pwrite, not the memory map: pages written once for initialisation should not stay
             # mapped into this process (they would count as its resident memory).
-            stored = np.ascontiguousarray(self._to_storage(v))
-            row_bytes = self.dim * self._np_dtype.itemsize
+            row_bytes = self._row_bytes
             _write_all(self._fd, memoryview(stored).cast("B"), DATA_OFFSET + start * row_bytes)
             slots = self._find(np.arange(start, stop))
             cached = slots >= 0
-            self._slot_data[slots[cached]] = v[cached]
+            if cached.any():
+                fresh = stored[cached]
+                self._slot_data[slots[cached]] = (
+                    fresh if self._cache_packed else self._from_storage(fresh)
+                )
 
     def zero_(self) -> None:
         """Set every row to zero. A file never written since creation is all holes already;
@@ -790,10 +844,11 @@ class DiskStore:
         each in turn. Numpy releases the GIL while it copies, so a pool of readers keeps
         ``_READERS`` faults outstanding and the disk's queue busy.
         """
-        if len(rows) < 2 * _READER_MIN_ROWS:
+        min_rows = _SERVING_READER_MIN_ROWS if self.dtype == fp8.FP8 else _READER_MIN_ROWS
+        if len(rows) < 2 * min_rows:
             return self._mm[rows]
-        out = np.empty((len(rows), self.dim), dtype=self._np_dtype)
-        bounds = np.linspace(0, len(rows), min(_READERS, len(rows) // _READER_MIN_ROWS) + 1)
+        out = np.empty((len(rows), self._width), dtype=self._np_dtype)
+        bounds = np.linspace(0, len(rows), min(_READERS, len(rows) // min_rows) + 1)
         spans = list(zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True))
 
         def read(span: tuple[int, int]) -> None:
@@ -803,7 +858,7 @@ class DiskStore:
         return out
 
     def _data_bytes(self) -> int:
-        return self.num_rows * self.dim * self._np_dtype.itemsize
+        return self.num_rows * self._row_bytes
 
     def flush(self) -> None:
         """Write every dirty cached row back (one journaled batch), then checkpoint."""
@@ -817,6 +872,14 @@ class DiskStore:
         self._slot_dirty[dirty] = False
         if self._journal_bytes:  # else every in-place write is synced already: skip the fsyncs
             self._checkpoint()
+
+    def sync(self) -> None:
+        """:meth:`flush`, then make the file's data durable (``fsync``), bulk writes included:
+        what a caller needs before recording that a table is complete."""
+        with self._lock:
+            self._check_open()
+            self._flush_locked()
+            os.fsync(self._fd)
 
     def snapshot(self, dest: str | os.PathLike[str]) -> int:
         """Copy the rows as they are now into a new file ``dest``; -> its data checksum.
@@ -917,7 +980,7 @@ class DiskStore:
             out: dict[str, float] = dict(self._stats)
             lookups = out["hits"] + out["misses"]
             out["hit_rate"] = out["hits"] / lookups if lookups else 0.0
-            out["bytes_cached"] = self._used * self.dim * 4
+            out["bytes_cached"] = self._used * self._slot_bytes
         return out
 
     # --- the cache ---------------------------------------------------------------------------
@@ -1054,6 +1117,7 @@ def disk_table(
     device: torch.device | str | None = "cpu",
     create: bool = True,
     init: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> OffloadedTable:
     """An :class:`OffloadedTable` over three :class:`DiskStore` files in directory ``path``.
 
@@ -1065,8 +1129,26 @@ def disk_table(
     caller that initialises the whole model itself, so the rows are written once);
     ``create=False`` opens existing files and checks the shape. ``device`` is where rows are
     delivered (``None``: the device of the ids, as in :class:`OffloadedTable`).
+
+    ``dtype=torch.float8_e4m3fn`` makes a read-only fp8 table (``tables.fp8``): one file,
+    ``path/weight.engt``, of packed rows and no moment files; the whole ``cache_bytes`` goes
+    to its cache; ``create=True`` leaves it zero for the caller to fill with ``write_range``.
     """
     directory = Path(path)
+    if dtype == fp8.FP8:
+        file = directory / f"{_STORE_FILES[0]}.engt"
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+            store = DiskStore.create(file, num_rows, dim, dtype=dtype, cache_bytes=cache_bytes)
+        else:
+            store = DiskStore.open(file, cache_bytes=cache_bytes)
+        if (store.num_rows, store.dim, store.dtype) != (num_rows, dim, dtype):
+            store.close()
+            raise ValueError(
+                f"{file} is [{store.num_rows}, {store.dim}] {store.dtype}, expected "
+                f"[{num_rows}, {dim}] {dtype}"
+            )
+        return OffloadedTable(store, device=device)
     files = [directory / f"{name}.engt" for name in _STORE_FILES]
     budgets = (cache_bytes // 2, cache_bytes // 4, cache_bytes // 4)
     if create:

@@ -38,6 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from engramlm.tables import fp8
 from engramlm.tables.base import TABLE_INIT_STD
 
 logger = logging.getLogger(__name__)
@@ -105,21 +106,41 @@ class FileRowStore(RowStore, Protocol):
 
 
 class MemoryStore:
-    """Rows in one CPU tensor - pinned when CUDA is available, so copies can be asynchronous."""
+    """Rows in one CPU tensor - pinned when CUDA is available, so copies can be asynchronous.
 
-    def __init__(self, num_rows: int, dim: int, *, pin: bool | None = None) -> None:
+    ``dtype=torch.float8_e4m3fn`` holds fp8 rows with their E8M0 scales as packed uint8 rows
+    [num_rows, dim + dim/32] (``tables.fp8``), dequantised by ``read``; such a store is filled
+    by ``write_range`` with packed rows and is otherwise read-only.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        *,
+        pin: bool | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         pin = torch.cuda.is_available() if pin is None else pin
-        self.num_rows, self.dim = num_rows, dim
+        if dtype not in (torch.float32, fp8.FP8):
+            raise ValueError(f"MemoryStore holds float32 or float8_e4m3fn rows, got {dtype}")
+        self.num_rows, self.dim, self.dtype = num_rows, dim, dtype
+        width = fp8.packed_width(dim) if dtype == fp8.FP8 else dim
+        storage = torch.uint8 if dtype == fp8.FP8 else torch.float32
         # Explicitly CPU: host rows stay on the host even when the model is built on "meta".
-        self.data = torch.zeros(num_rows, dim, device="cpu", pin_memory=pin)  # [num_rows, dim]
+        self.data = torch.zeros(num_rows, width, dtype=storage, device="cpu", pin_memory=pin)
 
     def read(self, rows: Tensor) -> Tensor:
+        if self.dtype == fp8.FP8:
+            return fp8.dequantize_rows(self.data.index_select(0, rows), self.dim)
         return self.data.index_select(0, rows)
 
     def write(self, rows: Tensor, values: Tensor) -> None:
+        _check_writable(self)
         self.data.index_copy_(0, rows, values)
 
     def write_range(self, start: int, values: Tensor) -> None:
+        _check_range_values(self, values)
         self.data[start : start + values.shape[0]].copy_(values)
 
     def zero_(self) -> None:
@@ -129,9 +150,31 @@ class MemoryStore:
         """Memory is as durable as it gets."""
 
 
+def _check_writable(store: RowStore) -> None:
+    if getattr(store, "dtype", torch.float32) == fp8.FP8:
+        raise TypeError(
+            "fp8 tables are read-only (serving; training fp8 tables is not supported): their "
+            "rows come from a checkpoint, written whole with write_range as packed rows"
+        )
+
+
+def _check_range_values(store: RowStore, values: Tensor) -> None:
+    """fp8 stores take packed uint8 rows [n, dim + dim/32]; float stores, float rows [n, dim]."""
+    packed = getattr(store, "dtype", torch.float32) == fp8.FP8
+    width = fp8.packed_width(store.dim) if packed else store.dim
+    if packed != (values.dtype == torch.uint8) or values.dim() != 2 or values.shape[1] != width:
+        want = f"packed uint8 rows [n, {width}] (tables.fp8.pack_rows)" if packed else "float rows"
+        raise ValueError(
+            f"a {getattr(store, 'dtype', torch.float32)} store of width {store.dim} takes {want}, "
+            f"got {values.dtype} {list(values.shape)}"
+        )
+
+
 def resident(store: RowStore) -> Tensor | None:
     """The whole [num_rows, dim] tensor of a store held in memory, else ``None``."""
-    return store.data if isinstance(store, MemoryStore) else None
+    if isinstance(store, MemoryStore) and store.dtype != fp8.FP8:
+        return store.data
+    return None
 
 
 def row_chunks(num_rows: int, chunk_rows: int | None = None) -> Iterable[tuple[int, int]]:
@@ -179,19 +222,30 @@ class OffloadedTable(nn.Module):
     the prefetches issued before it (the caller has moved past them), at most
     ``max_prefetches`` are kept, and any write to the table (an optimiser step, a load)
     waits for and discards all of them, so a prefetch never returns rows older than a write.
+
+    Without moment stores (``exp_avg=exp_avg_sq=None``) the table is read-only, for serving:
+    lookups are not recorded for a backward and :class:`TableAdam` refuses it. fp8 weight
+    stores (``tables.fp8``) are always served so.
     """
 
     def __init__(
         self,
         weight: RowStore,
-        exp_avg: RowStore,
-        exp_avg_sq: RowStore,
+        exp_avg: RowStore | None = None,
+        exp_avg_sq: RowStore | None = None,
         *,
         device: torch.device | str | None = None,
         max_prefetches: int = 4,
     ) -> None:
         super().__init__()
-        for store in (exp_avg, exp_avg_sq):
+        if (exp_avg is None) != (exp_avg_sq is None):
+            raise ValueError("pass both Adam moment stores (trainable) or neither (read-only)")
+        if exp_avg is not None and getattr(weight, "dtype", torch.float32) == fp8.FP8:
+            raise ValueError(
+                "fp8 tables are read-only (serving; training fp8 tables is not supported): "
+                "build the OffloadedTable without moment stores"
+            )
+        for store in () if exp_avg is None else (exp_avg, exp_avg_sq):
             if (store.num_rows, store.dim) != (weight.num_rows, weight.dim):
                 raise ValueError(
                     f"moment store is [{store.num_rows}, {store.dim}] but the weights are "
@@ -215,7 +269,15 @@ class OffloadedTable(nn.Module):
         self._closed = False
 
     @property
-    def stores(self) -> tuple[RowStore, RowStore, RowStore]:
+    def read_only(self) -> bool:
+        """Whether the table has no Adam moments: served, never trained."""
+        return self.exp_avg is None
+
+    @property
+    def stores(self) -> tuple[RowStore, ...]:
+        """The weight store, then the two moment stores of a trainable table."""
+        if self.exp_avg is None or self.exp_avg_sq is None:
+            return (self.weight_store,)
         return self.weight_store, self.exp_avg, self.exp_avg_sq
 
     @property
@@ -230,6 +292,7 @@ class OffloadedTable(nn.Module):
 
         Draws the same numbers as ``DeviceTable.reset_parameters`` from the same RNG state.
         """
+        self._check_trainable()
         self._invalidate()
         chunks = list(row_chunks(self.num_rows))
         if len(chunks) > 1 and (chunks[-1][1] - chunks[-1][0]) * self.dim < 16:
@@ -241,6 +304,13 @@ class OffloadedTable(nn.Module):
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
         self.step_count = 0
+
+    def _check_trainable(self) -> None:
+        if self.read_only:
+            raise TypeError(
+                f"{self.extra_repr()}: a read-only table (no Adam moments; fp8 tables are always "
+                "read-only) is served, not trained or initialised"
+            )
 
     # --- the Table interface -----------------------------------------------------------------
     def prefetch(self, rows: Tensor) -> None:
@@ -278,6 +348,8 @@ class OffloadedTable(nn.Module):
                 current = torch.cuda.current_stream(target)
                 current.wait_event(event)
                 values.record_stream(current)
+        if self.read_only:
+            return values.view(*rows.shape, self.dim)
         out = _Lookup.apply(self._anchor, values, flat, self)
         return out.view(*rows.shape, self.dim)
 
@@ -335,15 +407,20 @@ class OffloadedTable(nn.Module):
     @torch.no_grad()
     def write_rows(self, rows: Tensor, values: Tensor) -> None:
         """Overwrite weight rows [n] with [n, dim] ``values`` (conversion, loading)."""
+        _check_writable(self.weight_store)
         self._invalidate()
         self.weight_store.write(rows.to("cpu", torch.int64), values.to("cpu", torch.float32))
 
     @torch.no_grad()
     def write_range(self, start: int, values: Tensor) -> None:
         """Overwrite weight rows [start, start + n) with [n, dim] ``values``: the bulk path
-        (sequential writes, no cache or journal on disk) for loading and importing tables."""
+        (sequential writes, no cache or journal on disk) for loading and importing tables.
+        An fp8 table takes packed uint8 rows [n, dim + dim/32] (``tables.fp8.pack_rows``)."""
         self._invalidate()
-        self.weight_store.write_range(start, values.to("cpu", torch.float32))
+        if getattr(self.weight_store, "dtype", torch.float32) == fp8.FP8:
+            self.weight_store.write_range(start, values.to("cpu"))
+        else:
+            self.weight_store.write_range(start, values.to("cpu", torch.float32))
 
     def coalesced_grad(self) -> tuple[Tensor, Tensor] | None:
         """Sum the pending row gradients per row exactly as SparseAdam's ``grad.coalesce()``."""
@@ -474,6 +551,8 @@ class TableAdam:
         self.tables = list(tables)
         if not self.tables:
             raise ValueError("TableAdam needs at least one OffloadedTable")
+        for table in self.tables:
+            table._check_trainable()
         # The tables stand where torch.optim keeps Parameters: state dicts number them in order.
         self.param_groups: list[dict[str, Any]] = [
             {"lr": lr, "betas": betas, "eps": eps, "params": list(self.tables)}

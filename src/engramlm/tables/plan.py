@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from engramlm.tables import fp8
 from engramlm.tables.base import Table
 from engramlm.tables.device import DeviceTable
 from engramlm.tables.offload import MemoryStore, OffloadedTable, row_chunks
@@ -124,9 +125,17 @@ def write_rows(table: Table, rows: Tensor, values: Tensor) -> None:
 @torch.no_grad()
 def write_range(table: Table, start: int, values: Tensor) -> None:
     """Overwrite weight rows [start, start + n) of a device or offloaded table with [n, dim]
-    ``values`` (any float dtype, any device): the bulk path for whole-table copies."""
+    ``values`` (any float dtype, any device): the bulk path for whole-table copies. An fp8
+    table (``tables.fp8``) takes packed uint8 rows [n, dim + dim/32] instead."""
     if isinstance(table, OffloadedTable):
         table.write_range(start, values)
+    elif isinstance(table, DeviceTable) and table.dtype == fp8.FP8:
+        if values.dtype != torch.uint8 or tuple(values.shape[1:]) != (table.packed.shape[1],):
+            raise ValueError(
+                f"an fp8 table takes packed uint8 rows [n, {table.packed.shape[1]}] "
+                f"(tables.fp8.pack_rows), got {values.dtype} {list(values.shape)}"
+            )
+        table.packed[start : start + values.shape[0]].copy_(values)
     elif isinstance(table, DeviceTable):
         table.weight[start : start + values.shape[0]].copy_(values)
     else:
