@@ -14,7 +14,7 @@ The tables are V4.1's shape but random (seeded), the hidden width is ``--hidden`
 smaller keeps the CPU matmul of ``wkv`` short) and the compressed ids follow a Zipf law over
 V4.1's 99,092 compressed ids, as n-gram traffic does (paper §6.4).
 
-    .venv/bin/python recipes/deepseek_v41_disk.py --dir /var/tmp/v41 [--table-gb 28]
+    .venv/bin/python recipes/deepseek_v41_disk.py --dir /var/tmp/v41 [--table-gb 28] [--layers 1]
 
 Needs ~2 x table-gb of free disk while loading (checkpoint + tables); deleted at the end unless
 --keep. ``--table-gb 0.05`` runs in seconds (what the tests do).
@@ -201,6 +201,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prefill", type=int, default=64)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument(
+        "--layers",
+        default="1,14",
+        help="Engram layers (V4.1: 1,14); one layer puts all of --table-gb in a single table",
+    )
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
 
@@ -209,7 +214,8 @@ def main() -> None:
         raise SystemExit(f"{root} is not empty; pass an empty or new --dir")
     ckpt, tables = root / "checkpoint", root / "tables"
     try:
-        text_config = v41_text_config(args.table_gb, args.hidden, (1, 14))
+        layers = tuple(int(x) for x in args.layers.split(","))
+        text_config = v41_text_config(args.table_gb, args.hidden, layers)
         config = DeepSeekV41Config.from_json(text_config)
         sizes = table_bytes(config)
         print(
