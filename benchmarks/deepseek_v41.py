@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "recipes"))
 from common import machine  # noqa: E402
 from deepseek_v41_disk import (  # noqa: E402
-    drop_page_cache,
     run_tokens,
     status_kb,
     table_stats,
@@ -39,6 +38,7 @@ from deepseek_v41_disk import (  # noqa: E402
 )
 
 from engramlm.deepseek_v41 import load_engram  # noqa: E402
+from engramlm.tables.disk import drop_page_cache  # noqa: E402
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved, machine  # noqa: E402
 
+from engramlm.tables.disk import drop_page_cache  # noqa: E402
+
 GB = 1e9
 EOS = 0
 
@@ -177,17 +179,6 @@ def fill_page_cache(tier: Path) -> None:
         with open(path, "rb") as f:
             while f.read(1 << 20):  # small reads: the buffer is heap (counted in RSS)
                 pass
-
-
-def drop_page_cache(tier: Path) -> None:
-    """Evict the tier files' clean pages from the page cache (no root needed): a cold start,
-    as for a tier larger than RAM, instead of one just written."""
-    for path in tier.rglob("*.engt"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_side(side: str, args: argparse.Namespace) -> dict:

@@ -39,6 +39,7 @@ import torch
 from engramlm.deepseek_v41 import DeepSeekV41Config, DeepSeekV41Engram, load_engram, table_bytes
 from engramlm.hashing import head_moduli
 from engramlm.tables import fp8
+from engramlm.tables.disk import drop_page_cache
 
 CHUNK_ROWS = 1 << 18
 COMPRESSED_VOCAB = 99092
@@ -138,16 +139,6 @@ def _exponents(rng: np.random.Generator, lo: int, hi: int, shape: tuple[int, ...
 def _bf16_ones(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     w = torch.from_numpy(1 + 0.25 * rng.standard_normal(shape).astype(np.float32))
     return w.to(torch.bfloat16).view(torch.int16).numpy()
-
-
-def drop_page_cache(table_dir: Path) -> None:
-    """Evict the table files' pages from the page cache, so reads come from the disk."""
-    for file in table_dir.rglob("*.engt"):
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def zipf_ids(rng: np.random.Generator, shape: tuple[int, ...]) -> torch.Tensor:

@@ -515,18 +515,8 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                 path = directory / TABLE_FILE.format(layer=block.layer_id)
                 _load_table_shard(path, block.engram.table)
 
-        if (directory / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(directory)
         dtype = dtype if dtype is not None else torch_dtype
-        if dtype is not None and dtype != "auto":
-            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        if device_map is not None:
-            if not isinstance(device_map, str | torch.device) or device_map == "auto":
-                raise NotImplementedError(f"device_map must name one device, got {device_map!r}")
-            model.to(device_map)
-        model.name_or_path = config.name_or_path = str(pretrained_model_name_or_path)
-        model.eval()
-        return model
+        return _finish_loading(model, directory, dtype, device_map, pretrained_model_name_or_path)
 
 
 def _checked_tokenizer(
@@ -842,6 +832,14 @@ def _load_engramlm_offloaded(
     for layer, engram in engrams.items():
         engram.table = tables[f"engram_layer{layer}"]
     _load_dense(model.model, directory / MODEL_FILE, vocab)
+    return _finish_loading(model, directory, dtype, device_map, directory)
+
+
+def _finish_loading(
+    model: EngramForCausalLM, directory: Path, dtype: Any, device_map: Any, name: Any
+) -> EngramForCausalLM:
+    """What every load of an engramlm folder ends with: its generation config, the asked dtype
+    and device (one device: ``device_map`` naming several is refused), eval mode."""
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None and dtype != "auto":
@@ -850,7 +848,7 @@ def _load_engramlm_offloaded(
         if not isinstance(device_map, str | torch.device) or device_map == "auto":
             raise NotImplementedError(f"device_map must name one device, got {device_map!r}")
         model.to(device_map)
-    model.name_or_path = config.name_or_path = str(directory)
+    model.name_or_path = model.config.name_or_path = str(name)
     model.eval()
     return model
 
