@@ -458,5 +458,5 @@ def test_cli_unknown_key_is_an_error_naming_it(
     corpus: Corpus, tmp_path: Path, override: str, named: str
 ) -> None:
     toml = write_toml(tmp_path / "run.toml", model_config(), train_config(corpus, tmp_path / "r"))
-    with pytest.raises(SystemExit, match=named):
+    with pytest.raises(ValueError, match=named):
         load_configs(str(toml), [override])

@@ -74,25 +74,25 @@ class TrainConfig:
 
     data: str = "pydocs"  # a named corpus (DATA.md) or a file / folder / .jsonl path
     vocab_size: int = 8192  # byte-level BPE trained on the training split
-    val_fraction: float = 0.05
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: int = 1000
-    lr: float = 3e-3
+    val_fraction: float = 0.05  # share of the documents held out for validation
+    seq_len: int = 256  # tokens per training window
+    batch_size: int = 16  # windows per step (per process under torchrun)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    steps: int = 1000  # optimiser steps
+    lr: float = 3e-3  # peak learning rate (AdamW for the dense weights)
     table_lr_mult: float = 5.0  # SPEC §3: Engram embeddings at 5x the base LR, Adam, no wd
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    warmup_steps: int = 50  # linear warmup, then cosine decay
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.1  # AdamW, dense weights only
+    grad_clip: float = 1.0  # max gradient norm of the dense weights
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast
-    eval_every: int = 100
-    eval_batches: int = 20
+    eval_every: int = 100  # steps between validations (0: only at the end)
+    eval_batches: int = 20  # validation batches per evaluation
     ckpt_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    out_dir: str = "runs/train"
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 10  # steps between metrics.jsonl rows
+    seed: int = 0  # initial weights, data order and split
+    out_dir: str = "runs/train"  # the run folder: configs, checkpoints, metrics
     table_storage: Literal["device", "host", "disk"] = "device"  # SPEC §5; see tables.plan
     table_cache_mb: int = 256  # disk tier: row cache per table (files: <out_dir>/tables/)
     dense_parallel: Literal["ddp", "fsdp"] = "ddp"  # torchrun: the dense part (tables sharded)
@@ -550,6 +550,19 @@ def _bind_vocab(model_cfg: ModelConfig, corpus: PreparedCorpus) -> ModelConfig:
     )
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path when it holds a run (its ``config.json``); else a
+    ``FileNotFoundError`` saying what to pass instead."""
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        what = "does not exist" if not run.exists() else "holds no run (no config.json)"
+        raise FileNotFoundError(
+            f"{run} {what}: pass a run folder written by `engramlm train` (its --train.out_dir, "
+            "runs/train by default)"
+        )
+    return run
+
+
 def build_run_model(
     run_dir: str | Path, device: str | torch.device = "cpu", tables: TablePlan | None = None
 ) -> tuple[EngramLM, Any, dict[str, Any]]:
@@ -558,8 +571,8 @@ def build_run_model(
 
     from engramlm.tokenization import CompressedVocab
 
-    run = Path(run_dir)
-    for name in ("config.json", "tokenizer.json", "compressed_vocab.json"):
+    run = check_run_dir(run_dir)
+    for name in ("tokenizer.json", "compressed_vocab.json"):
         if not (run / name).exists():
             raise FileNotFoundError(f"{run / name} is missing: is {run} a run written by train?")
     configs = json.loads((run / "config.json").read_text())
@@ -604,7 +617,9 @@ def evaluate_run(
     ``table_storage`` places the Engram tables (default: the tier the run trained on); disk
     tables are rebuilt from the checkpoint in a temporary folder inside the run.
     """
-    cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["train"])
+    cfg = TrainConfig.from_dict(
+        json.loads((check_run_dir(run_dir) / "config.json").read_text())["train"]
+    )
     storage = table_storage or cfg.table_storage
     with contextlib.ExitStack() as stack:
         live = None

@@ -40,9 +40,13 @@ from engramlm.compare import DEFAULT_ENGRAM, DEFAULT_MOE, DEFAULT_TRAIN
 from engramlm.config import EngramConfig, ModelConfig
 from engramlm.data import PreparedCorpus, prepare_corpus
 from engramlm.model import EngramLM
+from engramlm.overrides import Schema
 from engramlm.train import TrainConfig, TrainResult, load_run, train
 
 logger = logging.getLogger(__name__)
+
+# What `engramlm experiment NAME --moe.hidden_size=512 --train.steps=600 ...` may override.
+OVERRIDES: Schema = {"moe": ModelConfig, "engram": EngramConfig, "train": TrainConfig}
 
 # Smoke size: a 2-layer width-64 MoE, a few steps, a small vocabulary (seconds per run).
 SMOKE_MOE = dataclasses.replace(
