@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import copy_pages
 from engramlm.checkpoint import (
     TABLE_TENSORS,
     CheckpointError,
@@ -582,7 +583,7 @@ def test_share_gives_every_rank_the_same_number_of_forwards(num_batches: int) ->
 
 
 # --- training through the CLI under torchrun, on real text ----------------------------------
-PAGES = ("json", "functools", "enum", "dataclasses", "contextlib", "shutil", "hashlib", "struct")
+PAGES = ("json", "functools", "enum", "dataclasses", "contextlib", "shutil", "hashlib", "heapq")
 CLI_STEPS = 4
 MODEL_TOML = """
 [model]
@@ -657,14 +658,8 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two ranks (disk shards, DDP, grad_accum 2) vs one process (grad_accum 4), and resumes
     from their step-2 checkpoints: on two ranks, two ranks -> one process, one process -> two
     ranks (FSDP2, host shards)."""
-    library = Path("/usr/share/doc/python3.11/html/_sources/library")
-    if not all((library / f"{p}.rst.txt").exists() for p in PAGES):
-        pytest.skip("python3.11-doc is not installed: run `make data`")
     root = tmp_path_factory.mktemp("torchrun")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in PAGES:
-        shutil.copy(library / f"{name}.rst.txt", corpus)
+    corpus = copy_pages(PAGES, root / "corpus")
     env = {**os.environ, "ENGRAMLM_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     model_cfg = ModelConfig.from_dict(tomllib.loads(MODEL_TOML)["model"])
     config = root / "model.toml"

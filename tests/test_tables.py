@@ -27,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import copy_pages, stdlib_page
 from engramlm.checkpoint import CheckpointError, checkpoint_dir, verify_checkpoint
 from engramlm.cli import main
 from engramlm.config import EngramConfig, ModelConfig
@@ -337,19 +338,13 @@ def test_invalid_table_storage_is_a_value_error_naming_the_field() -> None:
 # ---------------------------------------------------------------------------------------------
 # train(): host tables train and resume bitwise like device tables
 
-PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
 PAGES = ("json", "functools", "enum", "dataclasses", "contextlib")
 STEPS, CKPT_EVERY = 12, 6
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> PreparedCorpus:
-    pages = [PYDOCS_LIBRARY / f"{name}.rst.txt" for name in PAGES]
-    if not all(p.exists() for p in pages):
-        pytest.skip("python3.11-doc is not installed: run `make data`")
-    folder = tmp_path_factory.mktemp("tables-corpus")
-    for p in pages:
-        shutil.copy(p, folder)
+    folder = copy_pages(PAGES, tmp_path_factory.mktemp("tables-corpus"))
     return prepare_corpus(str(folder), vocab_size=512, cache_dir=folder / "cache")
 
 
@@ -620,7 +615,7 @@ def test_exported_disk_tables_hold_the_checkpoint_rows(
 def test_evaluating_on_any_tier_gives_the_same_loss(
     runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = str(PYDOCS_LIBRARY / "json.rst.txt")
+    text = str(stdlib_page("json"))
     scores = {
         storage: evaluate_run(runs["device"], data=text, max_batches=2, table_storage=storage)
         for storage in STORAGES

@@ -1,9 +1,9 @@
 """The training loop end to end on real text: exact resume, learning, sparse table updates,
 bad input, evaluation and the CLI.
 
-One small real corpus (15 pydocs pages) is tokenized once per module; one reference run of a
-tiny Engram + MoE model (SparseAdam tables, AdamW, router bias, prefetched batches) is shared
-by the tests that only read it, and copied by those that damage it.
+One small real corpus (15 standard-library modules) is tokenized once per module; one reference
+run of a tiny Engram + MoE model (SparseAdam tables, AdamW, router bias, prefetched batches) is
+shared by the tests that only read it, and copied by those that damage it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import copy_pages, stdlib_page
 from engramlm.checkpoint import CheckpointError, checkpoint_dir, load_checkpoint
 from engramlm.cli import load_configs, main
 from engramlm.config import EngramConfig, ModelConfig
@@ -40,10 +41,9 @@ from engramlm.train import (
     train,
 )
 
-PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
 CORPUS_PAGES = (
-    "json", "functools", "enum", "dataclasses", "contextlib", "shutil", "hashlib", "struct",
-    "signal", "locale", "gettext", "venv", "difflib", "statistics", "select",
+    "json", "functools", "enum", "dataclasses", "contextlib", "shutil", "hashlib", "heapq",
+    "string", "locale", "gettext", "copy", "difflib", "statistics", "selectors",
 )  # fmt: skip
 HELD_OUT_PAGE = "textwrap"  # a user's text file: not in the corpus
 VOCAB = 512
@@ -60,14 +60,8 @@ class Corpus:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     """15 real pages, tokenized once; ENGRAMLM_CACHE points at the cache for this module."""
-    missing = [p for p in (*CORPUS_PAGES, HELD_OUT_PAGE) if not page(p).exists()]
-    if missing:
-        pytest.skip(f"python3.11-doc is not installed (no {page(missing[0])}): run `make data`")
     root = tmp_path_factory.mktemp("train")
-    folder = root / "corpus"
-    folder.mkdir()
-    for name in CORPUS_PAGES:
-        shutil.copy(page(name), folder)
+    folder = copy_pages(CORPUS_PAGES, root / "corpus")
     cache = root / "cache"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ENGRAMLM_CACHE", str(cache))  # the CLI and subprocesses find the same cache
@@ -75,7 +69,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
 
 
 def page(name: str) -> Path:
-    return PYDOCS_LIBRARY / f"{name}.rst.txt"
+    return stdlib_page(name)
 
 
 def model_config() -> ModelConfig:
@@ -314,7 +308,7 @@ def test_corpus_smaller_than_one_window_is_a_value_error_naming_sizes(
     small = tmp_path / "small"
     small.mkdir()
     for name in ("json", "enum"):  # the first 300 bytes of two real pages
-        (small / f"{name}.rst.txt").write_bytes(page(name).read_bytes()[:300])
+        (small / f"{name}.txt").write_bytes(page(name).read_bytes()[:300])
     cfg = train_config(corpus, tmp_path / "run", data=str(small), seq_len=256, eval_batches=1)
     model = dataclasses.replace(model_config(), max_seq_len=256)
     with pytest.raises(ValueError, match=r"corpus has \d+ tokens, fewer than one window .* 257"):
@@ -460,3 +454,4 @@ def test_cli_unknown_key_is_an_error_naming_it(
     toml = write_toml(tmp_path / "run.toml", model_config(), train_config(corpus, tmp_path / "r"))
     with pytest.raises(ValueError, match=named):
         load_configs(str(toml), [override])
+
