@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import engramlm.train as train_module
 from conftest import copy_pages, stdlib_page
 from engramlm.checkpoint import CheckpointError, checkpoint_dir, load_checkpoint
 from engramlm.cli import load_configs, main
@@ -455,3 +456,60 @@ def test_cli_unknown_key_is_an_error_naming_it(
     with pytest.raises(ValueError, match=named):
         load_configs(str(toml), [override])
 
+
+class RecordingBar:
+    """Stands in for the tqdm bar: records what each step would show."""
+
+    def __init__(self) -> None:
+        self.shown: list[dict[str, str]] = []
+
+    def set_postfix(self, values: dict[str, str], refresh: bool = True) -> None:
+        self.shown.append(dict(values))
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_progress_bar_shows_validation_loss_only_after_the_first_evaluation(
+    corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bar = RecordingBar()
+    monkeypatch.setattr(train_module, "_progress", lambda total, initial, enabled: bar)
+    cfg = train_config(corpus, tmp_path / "run", steps=5, eval_every=2)
+    train(model_config(), cfg, corpus=corpus.prepared)
+    assert ["val" in shown for shown in bar.shown] == [False, True, True, True, True]
+    assert all(math.isfinite(float(shown["val"])) for shown in bar.shown[1:])
+
+
+def test_tensorboard_events_hold_every_number_of_metrics_jsonl(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorboard", reason="the [tb] extra (tensorboard) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = train_config(corpus, tmp_path / "run", steps=4, eval_every=2, tensorboard=True)
+    train(model_config(), cfg, corpus=corpus.prepared, progress=False)
+    board = tmp_path / "run" / "tensorboard"
+    assert list(board.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(board))
+    events.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    keys = {k for row in rows for k in row} - {"step"}
+    assert {"loss", "val_loss", "lr"} <= keys and set(events.Tags()["scalars"]) == keys
+    for key in keys:
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        expected = [(row["step"], pytest.approx(row[key], rel=1e-6)) for row in rows if key in row]
+        assert logged == expected, key
+
+
+def test_tensorboard_without_the_package_says_how_to_install_it(
+    corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    cfg = train_config(corpus, tmp_path / "run", tensorboard=True)
+    with pytest.raises(ImportError, match=r"pip install 'engramlm\[tb\]'"):
+        train(model_config(), cfg, corpus=corpus.prepared, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before any work

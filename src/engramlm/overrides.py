@@ -184,10 +184,7 @@ def format_fields(schema: Schema, width: int = 40) -> str:
 
 
 def _show(value: Any) -> str:
-    if dataclasses.is_dataclass(value):
-        return "{...}"
-    if isinstance(value, tuple):
-        value = list(value)
+    """A default as it would be typed: ``3``, ``true``, ``[1,15]`` (no spaces), ``pydocs``."""
     if isinstance(value, str):
         return value
-    return json.dumps(value)
+    return json.dumps(value, separators=(",", ":"))
