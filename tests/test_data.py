@@ -55,22 +55,21 @@ def _require(name: str) -> NamedCorpus:
 
 
 @pytest.fixture(scope="module")
-def pydocs_docs() -> list[Document]:
-    """Sixty real documents of Python's documentation (the first ones, sorted by path)."""
-    _require("pydocs")
-    return load_documents("pydocs")[:60]
+def real_docs() -> list[Document]:
+    """Sixty real documents: standard-library modules (the first ones, sorted by path)."""
+    return load_documents("stdlib")[:60]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(pydocs_docs: list[Document], tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return train_tokenizer(pydocs_docs, VOCAB, tmp_path_factory.mktemp("tok-cache"))
+def tokenizer(real_docs: list[Document], tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    return train_tokenizer(real_docs, VOCAB, tmp_path_factory.mktemp("tok-cache"))
 
 
 @pytest.fixture(scope="module")
 def token_file(
-    pydocs_docs: list[Document], tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory
+    real_docs: list[Document], tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory
 ) -> TokenFile:
-    return tokenize_to_file(pydocs_docs[:20], tokenizer, tmp_path_factory.mktemp("tf") / "t.bin")
+    return tokenize_to_file(real_docs[:20], tokenizer, tmp_path_factory.mktemp("tf") / "t.bin")
 
 
 def _take(batches, n: int) -> list[Batch]:
@@ -89,27 +88,27 @@ def _assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
 # --- corpora -------------------------------------------------------------------------------
 
 
-def test_text_file_is_one_document(pydocs_files: list[Path], tmp_path: Path) -> None:
+def test_text_file_is_one_document(text_files: list[Path], tmp_path: Path) -> None:
     path = tmp_path / "one.txt"
-    shutil.copy(pydocs_files[0], path)
+    shutil.copy(text_files[0], path)
     docs = load_documents(str(path))
-    assert docs == [Document("one.txt", pydocs_files[0].read_text(encoding="utf-8"))]
+    assert docs == [Document("one.txt", text_files[0].read_text(encoding="utf-8"))]
 
 
-def test_folder_reads_text_files_recursively(pydocs_files: list[Path], tmp_path: Path) -> None:
+def test_folder_reads_text_files_recursively(text_files: list[Path], tmp_path: Path) -> None:
     (tmp_path / "sub" / "deeper").mkdir(parents=True)
-    shutil.copy(pydocs_files[0], tmp_path / "a.rst")
-    shutil.copy(pydocs_files[1], tmp_path / "sub" / "b.md")
-    shutil.copy(pydocs_files[2], tmp_path / "sub" / "deeper" / "c.txt")
+    shutil.copy(text_files[0], tmp_path / "a.rst")
+    shutil.copy(text_files[1], tmp_path / "sub" / "b.md")
+    shutil.copy(text_files[2], tmp_path / "sub" / "deeper" / "c.txt")
     (tmp_path / "weights.bin").write_bytes(bytes(range(256)))  # not text-like: ignored
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8: skipped
     docs = load_documents(tmp_path)
     assert [d.name for d in docs] == ["a.rst", "sub/b.md", "sub/deeper/c.txt"]
-    assert docs[2].text == pydocs_files[2].read_text(encoding="utf-8")
+    assert docs[2].text == text_files[2].read_text(encoding="utf-8")
 
 
-def test_jsonl_gives_one_document_per_line(pydocs_files: list[Path], tmp_path: Path) -> None:
-    texts = [p.read_text(encoding="utf-8") for p in pydocs_files[:3]]
+def test_jsonl_gives_one_document_per_line(text_files: list[Path], tmp_path: Path) -> None:
+    texts = [p.read_text(encoding="utf-8") for p in text_files[:3]]
     path = tmp_path / "c.jsonl"
     lines = [json.dumps({"text": texts[0]}), "", json.dumps({"text": texts[1], "id": "x"})]
     path.write_text("\n".join([*lines, json.dumps({"text": texts[2]})]) + "\n")
@@ -122,6 +121,16 @@ def test_named_pydocs_has_one_document_per_file() -> None:
     corpus = _require("pydocs")
     docs = load_documents("pydocs")
     assert len(docs) == len(corpus.files()) and all(d.name.endswith(".rst.txt") for d in docs)
+
+
+def test_named_stdlib_is_this_pythons_source_without_test_suites() -> None:
+    corpus = NAMED_CORPORA["stdlib"]
+    names = [d.name for d in load_documents("stdlib")]
+    assert corpus.root == Path(json.__file__).parent.parent  # the running interpreter's
+    assert "json/__init__.py" in names and "dataclasses.py" in names
+    assert all(n.endswith(".py") for n in names)
+    assert not [n for n in names if {"test", "tests", "site-packages"} & set(n.split("/")[:-1])]
+    assert len(names) > 300
 
 
 def test_named_zh_fortunes_splits_entries_and_strips_ansi() -> None:
@@ -164,63 +173,63 @@ def test_jsonl_line_without_text_names_the_line(tmp_path: Path) -> None:
 # --- split ---------------------------------------------------------------------------------
 
 
-def test_split_is_deterministic_disjoint_and_complete(pydocs_docs: list[Document]) -> None:
-    train, val = split_documents(pydocs_docs, 0.2, seed=3)
-    assert (train, val) == split_documents(pydocs_docs, 0.2, seed=3)
+def test_split_is_deterministic_disjoint_and_complete(real_docs: list[Document]) -> None:
+    train, val = split_documents(real_docs, 0.2, seed=3)
+    assert (train, val) == split_documents(real_docs, 0.2, seed=3)
     assert {d.name for d in train}.isdisjoint({d.name for d in val})
-    assert sorted(d.name for d in train + val) == sorted(d.name for d in pydocs_docs)
+    assert sorted(d.name for d in train + val) == sorted(d.name for d in real_docs)
     assert len(val) == 12
-    assert split_documents(pydocs_docs, 0.2, seed=4)[1] != val
+    assert split_documents(real_docs, 0.2, seed=4)[1] != val
 
 
-def test_split_keeps_one_document_per_side(pydocs_docs: list[Document]) -> None:
-    train, val = split_documents(pydocs_docs[:2], 0.001, seed=0)
+def test_split_keeps_one_document_per_side(real_docs: list[Document]) -> None:
+    train, val = split_documents(real_docs[:2], 0.001, seed=0)
     assert len(train) == 1 and len(val) == 1
-    train, val = split_documents(pydocs_docs[:3], 0.999, seed=0)
+    train, val = split_documents(real_docs[:3], 0.999, seed=0)
     assert len(train) == 1 and len(val) == 2
 
 
-def test_split_needs_two_documents(pydocs_docs: list[Document]) -> None:
+def test_split_needs_two_documents(real_docs: list[Document]) -> None:
     with pytest.raises(ValueError, match="at least 2 documents.*got 1"):
-        split_documents(pydocs_docs[:1], 0.1, seed=0)
+        split_documents(real_docs[:1], 0.1, seed=0)
 
 
 # --- tokenizer -----------------------------------------------------------------------------
 
 
 def test_tokenizer_has_special_tokens_and_round_trips(
-    tokenizer: Tokenizer, pydocs_docs: list[Document]
+    tokenizer: Tokenizer, real_docs: list[Document]
 ) -> None:
     assert tokenizer.get_vocab_size() == VOCAB
     assert (tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(PAD_TOKEN)) == (0, 1)
-    text = pydocs_docs[5].text + " 中文 ✓"  # unseen characters still encode (byte level)
+    text = real_docs[5].text + " 中文 ✓"  # unseen characters still encode (byte level)
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
 
 
-def test_tokenizer_second_call_loads_the_cache(pydocs_docs: list[Document], tmp_path: Path) -> None:
-    first = train_tokenizer(pydocs_docs[:20], VOCAB, tmp_path)
+def test_tokenizer_second_call_loads_the_cache(real_docs: list[Document], tmp_path: Path) -> None:
+    first = train_tokenizer(real_docs[:20], VOCAB, tmp_path)
     (cached,) = tmp_path.glob("tokenizer-*.json")
     mtime = cached.stat().st_mtime_ns
-    second = train_tokenizer(pydocs_docs[:20], VOCAB, tmp_path)
+    second = train_tokenizer(real_docs[:20], VOCAB, tmp_path)
     assert cached.stat().st_mtime_ns == mtime
     assert second.get_vocab() == first.get_vocab()
-    train_tokenizer(pydocs_docs[:20], VOCAB + 64, tmp_path)  # another key, another file
+    train_tokenizer(real_docs[:20], VOCAB + 64, tmp_path)  # another key, another file
     assert len(list(tmp_path.glob("tokenizer-*.json"))) == 2
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_tokenizer_vocab_size_too_small(pydocs_docs: list[Document], tmp_path: Path) -> None:
+def test_tokenizer_vocab_size_too_small(real_docs: list[Document], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocab_size must be >= 258"):
-        train_tokenizer(pydocs_docs, 100, tmp_path)
+        train_tokenizer(real_docs, 100, tmp_path)
 
 
 # --- token files ---------------------------------------------------------------------------
 
 
 def test_token_file_decodes_to_documents_joined_by_eos(
-    token_file: TokenFile, tokenizer: Tokenizer, pydocs_docs: list[Document]
+    token_file: TokenFile, tokenizer: Tokenizer, real_docs: list[Document]
 ) -> None:
-    docs = pydocs_docs[:20]
+    docs = real_docs[:20]
     reopened = TokenFile.open(token_file.path)
     assert isinstance(reopened.tokens, np.memmap) and reopened.tokens.dtype == np.uint16
     assert reopened.num_documents == 20 and int((reopened.tokens == 0).sum()) == 20
@@ -231,22 +240,22 @@ def test_token_file_decodes_to_documents_joined_by_eos(
 
 
 def test_token_file_is_reused_when_content_matches(
-    pydocs_docs: list[Document], tokenizer: Tokenizer, tmp_path: Path
+    real_docs: list[Document], tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
     path = tmp_path / "t.bin"
-    tokenize_to_file(pydocs_docs[:3], tokenizer, path)
+    tokenize_to_file(real_docs[:3], tokenizer, path)
     mtime = path.stat().st_mtime_ns
-    tokenize_to_file(pydocs_docs[:3], tokenizer, path)
+    tokenize_to_file(real_docs[:3], tokenizer, path)
     assert path.stat().st_mtime_ns == mtime
-    changed = tokenize_to_file(pydocs_docs[:4], tokenizer, path)  # other content: rewritten
+    changed = tokenize_to_file(real_docs[:4], tokenizer, path)  # other content: rewritten
     assert changed.num_documents == 4
 
 
 def test_truncated_token_file_names_the_file(
-    pydocs_docs: list[Document], tokenizer: Tokenizer, tmp_path: Path
+    real_docs: list[Document], tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
     path = tmp_path / "cut.bin"
-    tokenize_to_file(pydocs_docs[:3], tokenizer, path)
+    tokenize_to_file(real_docs[:3], tokenizer, path)
     os.truncate(path, path.stat().st_size - 2)
     with pytest.raises(ValueError, match=r"cut\.bin.*truncated"):
         TokenFile.open(path)
@@ -357,16 +366,16 @@ def test_prefetch_state_is_the_consumed_position(token_file: TokenFile) -> None:
 # --- one call ------------------------------------------------------------------------------
 
 
-def test_prepare_corpus_end_to_end_and_cached(pydocs_files: list[Path], tmp_path: Path) -> None:
+def test_prepare_corpus_end_to_end_and_cached(text_files: list[Path], tmp_path: Path) -> None:
     folder = tmp_path / "corpus"
     folder.mkdir()
-    for p in pydocs_files[:12]:
-        shutil.copy(p, folder / p.name)
+    for p in text_files[:12]:
+        shutil.copy(p, folder / f"{p.name}.txt")
     cache = tmp_path / "cache"
     corpus = prepare_corpus(folder, vocab_size=VOCAB, val_fraction=0.25, seed=0, cache_dir=cache)
     stats = corpus.stats()
     assert (stats["train"]["documents"], stats["val"]["documents"]) == (9, 3)
-    total_bytes = sum(p.stat().st_size for p in pydocs_files[:12])
+    total_bytes = sum(p.stat().st_size for p in text_files[:12])
     assert stats["train"]["bytes"] + stats["val"]["bytes"] == total_bytes
     assert corpus.compressed_vocab.fingerprint == vocab_fingerprint(corpus.tokenizer)
     assert (corpus.eos_id, corpus.pad_id, corpus.vocab_size) == (0, 1, VOCAB)
@@ -379,12 +388,12 @@ def test_prepare_corpus_end_to_end_and_cached(pydocs_files: list[Path], tmp_path
 
 
 def test_tuning_split_holds_out_training_documents_never_validation_ones(
-    pydocs_files: list[Path], tmp_path: Path
+    text_files: list[Path], tmp_path: Path
 ) -> None:
     folder = tmp_path / "corpus"
     folder.mkdir()
-    for p in pydocs_files[:16]:
-        shutil.copy(p, folder / p.name)
+    for p in text_files[:16]:
+        shutil.copy(p, folder / f"{p.name}.txt")
     kw = dict(vocab_size=VOCAB, val_fraction=0.25, seed=0, cache_dir=tmp_path / "cache")
     main = prepare_corpus(folder, **kw)
     tuning = prepare_corpus(folder, tuning=True, **kw)

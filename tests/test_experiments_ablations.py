@@ -24,6 +24,7 @@ from engramlm import (
 )
 from engramlm.data import prepare_corpus
 from engramlm.experiments import ablations, longctx, run_experiment
+from engramlm.experiments.common import SMOKE_TRAIN
 from engramlm.generate import generate_tokens
 from engramlm.model import HyperConnections, model_stats
 from engramlm.train import TrainConfig, load_run, train
@@ -51,9 +52,7 @@ def mhc_model(**switches: object) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def smoke_corpus():  # the smoke size's corpus (512-id tokenizer), cached on disk
-    if not Path("/usr/share/doc/python3.11/html/_sources").is_dir():
-        pytest.skip("python3.11-doc is not installed: run `make data`")
-    return prepare_corpus("pydocs", vocab_size=512)
+    return prepare_corpus(SMOKE_TRAIN.data, vocab_size=SMOKE_TRAIN.vocab_size)
 
 
 # --- the switches -------------------------------------------------------------------------------

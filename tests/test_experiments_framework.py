@@ -90,12 +90,15 @@ def test_smoke_results_never_reach_the_page(fake_experiment, tmp_path: Path) -> 
     assert "Not run yet" in text and "value 1.5" not in text
 
 
-def test_cli_runs_and_rewrites_the_page(fake_experiment, tmp_path: Path) -> None:
+def test_cli_runs_and_rewrites_the_page(
+    fake_experiment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     page = tmp_path / "results.md"
     main(["experiment", "fake", "--out", str(tmp_path), "--seeds", "3", "--page", str(page)])
     assert "value 1.5" in page.read_text()
-    with pytest.raises(SystemExit, match="--seeds"):
+    with pytest.raises(SystemExit) as exit:
         main(["experiment", "fake", "--out", str(tmp_path), "--seeds", "a,b"])
+    assert exit.value.code == 2 and "--seeds must be comma-separated" in capsys.readouterr().err
 
 
 def test_unknown_experiment_and_bad_settings_are_refused(tmp_path: Path) -> None:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import copy_pages
 from engramlm import EngramLM, ModelConfig
 from engramlm.cli import main
 from engramlm.generate import filter_logits, generate_text, generate_tokens
 from engramlm.train import TrainConfig, train
-
-PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
 
 
 def greedy_by_recomputation(model: EngramLM, prompt: torch.Tensor, n: int) -> torch.Tensor:
@@ -77,13 +75,8 @@ def test_generating_past_the_context_is_refused() -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pages = [PYDOCS_LIBRARY / f"{n}.rst.txt" for n in ("functions", "stdtypes", "string")]
-    if not all(p.exists() for p in pages):
-        pytest.skip("python3.11-doc is not installed: run `make data`")
     root = tmp_path_factory.mktemp("gen")
-    (root / "corpus").mkdir()
-    for p in pages:
-        shutil.copy(p, root / "corpus")
+    copy_pages(("functools", "collections", "string"), root / "corpus")
     cfg = TrainConfig(
         data=str(root / "corpus"),
         vocab_size=400,

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import stdlib_page
+
 pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
 from transformers import AutoModelForCausalLM, pipeline  # noqa: E402
@@ -37,16 +39,13 @@ from engramlm.hf import (  # noqa: E402
 )
 from engramlm.tables import offload  # noqa: E402
 
-PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
-PAGES = ("functions", "itertools", "json", "string")
+PAGES = ("functools", "collections", "json", "string")
 PROMPT = "The json module can"
 
 
-def pydocs(pages: tuple[str, ...]) -> list[Document]:
-    paths = [PYDOCS_LIBRARY / f"{page}.rst.txt" for page in pages]
-    if not all(p.exists() for p in paths):
-        pytest.skip("python3.11-doc is not installed: run `make data`")
-    return [Document(p.name, p.read_text()) for p in paths]
+def pages(names: tuple[str, ...]) -> list[Document]:
+    """Real text: standard-library modules' source."""
+    return [Document(name, stdlib_page(name).read_text()) for name in names]
 
 
 def build_model(tokenizer, **overrides) -> EngramLM:
@@ -72,7 +71,7 @@ def build_model(tokenizer, **overrides) -> EngramLM:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    return train_tokenizer(pydocs(PAGES), 512, tmp_path_factory.mktemp("tok"))
+    return train_tokenizer(pages(PAGES), 512, tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +236,7 @@ def test_save_load_round_trip_is_bitwise(saved: Path, tmp_path: Path) -> None:
 
 def test_tokenizer_mismatch_is_refused(saved: Path, tmp_path: Path) -> None:
     shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
-    other = train_tokenizer(pydocs(("os",)), 512, tmp_path / "tok-cache")
+    other = train_tokenizer(pages(("os",)), 512, tmp_path / "tok-cache")
     EngramForCausalLM.from_engramlm(build_model(other), other).tokenizer.save_pretrained(tmp_path)
     with pytest.raises(TokenizerMismatchError, match="fingerprint"):
         EngramForCausalLM.from_pretrained(tmp_path)

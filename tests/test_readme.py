@@ -75,3 +75,32 @@ def test_readme_snippet_imports_exist_and_calls_bind(index: int) -> None:
             raise AssertionError(f"README: {ast.unparse(node)} does not bind: {err}") from None
         checked += 1
     assert checked, "no engramlm call found in the snippet"
+
+
+def test_readme_seed_spread_is_the_allocation_experiments() -> None:
+    """The demo's "what to expect" table quotes the stored three-seed results, to the digit: the
+    MoE is rho = 1, and the demo's Engram (rho = 0.75) is the model the sweep trains at 0.7."""
+    import json
+    import statistics
+
+    from engramlm.compare import DEFAULT_ENGRAM, DEFAULT_MOE, DEFAULT_RHO, build_models
+    from engramlm.model import allocate
+
+    results = README.parent / "docs/img/results/allocation/results.json"
+    points = {p["rho"]: p["val_loss"] for p in json.loads(results.read_text())["results"]["points"]}
+    demo = build_models(DEFAULT_MOE, DEFAULT_ENGRAM, DEFAULT_RHO, 8192)
+    moe = demo["MoE (rho=1)"]
+    assert demo[f"Engram (rho={DEFAULT_RHO:g})"] == allocate(moe, 0.7, engram=DEFAULT_ENGRAM)
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in README.read_text().splitlines()
+        if line.startswith(("| MoE (rho=1) | 4.", "| Engram (rho=0.75, ", "| Engram - MoE |"))
+    }
+    gaps = [e - m for e, m in zip(points[0.7], points[1.0], strict=True)]
+    for name, losses, digits in [
+        ("MoE (rho=1)", points[1.0], 4),
+        ("Engram (rho=0.75, 0.73 achieved)", points[0.7], 4),
+        ("Engram - MoE", gaps, 3),
+    ]:
+        spread = f"{statistics.mean(losses):.3f} ± {statistics.stdev(losses):.3f}"
+        assert rows[name] == [f"{v:.{digits}f}" for v in losses] + [spread], name

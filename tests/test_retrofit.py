@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import stdlib_files
+
 transformers = pytest.importorskip("transformers")
 
 from engramlm import EngramConfig, TokenizerMismatchError  # noqa: E402
@@ -28,7 +30,6 @@ from engramlm.retrofit import (  # noqa: E402
 )
 from engramlm.train import TrainConfig  # noqa: E402
 
-PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
 VOCAB = 512
 ARCHS = ["llama", "qwen2", "gpt2"] + (["qwen3"] if hasattr(transformers, "Qwen3Config") else [])
 ENGRAM = EngramConfig.preset("tiny", pad_id=1)  # <pad> of train_tokenizer
@@ -36,11 +37,8 @@ ENGRAM = EngramConfig.preset("tiny", pad_id=1)  # <pad> of train_tokenizer
 
 @pytest.fixture(scope="module")
 def docs() -> list[Document]:
-    """Sixty real documents of Python's library reference."""
-    files = sorted(PYDOCS_LIBRARY.glob("*.rst.txt"))[:60]
-    if not files:
-        pytest.skip("python3.11-doc is not installed: run `make data`")
-    return [Document(p.name, p.read_text(encoding="utf-8")) for p in files]
+    """Sixty real documents: standard-library modules' source."""
+    return [Document(f"{p.name}.txt", p.read_text(encoding="utf-8")) for p in stdlib_files()[:60]]
 
 
 def _wrap(tokenizer: object) -> transformers.PreTrainedTokenizerFast:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import copy_pages, stdlib_page
 from engramlm.checkpoint import CheckpointError, checkpoint_dir, verify_checkpoint
 from engramlm.cli import main
 from engramlm.config import EngramConfig, ModelConfig
@@ -336,19 +338,13 @@ def test_invalid_table_storage_is_a_value_error_naming_the_field() -> None:
 # ---------------------------------------------------------------------------------------------
 # train(): host tables train and resume bitwise like device tables
 
-PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
 PAGES = ("json", "functools", "enum", "dataclasses", "contextlib")
 STEPS, CKPT_EVERY = 12, 6
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> PreparedCorpus:
-    pages = [PYDOCS_LIBRARY / f"{name}.rst.txt" for name in PAGES]
-    if not all(p.exists() for p in pages):
-        pytest.skip("python3.11-doc is not installed: run `make data`")
-    folder = tmp_path_factory.mktemp("tables-corpus")
-    for p in pages:
-        shutil.copy(p, folder)
+    folder = copy_pages(PAGES, tmp_path_factory.mktemp("tables-corpus"))
     return prepare_corpus(str(folder), vocab_size=512, cache_dir=folder / "cache")
 
 
@@ -619,7 +615,7 @@ def test_exported_disk_tables_hold_the_checkpoint_rows(
 def test_evaluating_on_any_tier_gives_the_same_loss(
     runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = str(PYDOCS_LIBRARY / "json.rst.txt")
+    text = str(stdlib_page("json"))
     scores = {
         storage: evaluate_run(runs["device"], data=text, max_batches=2, table_storage=storage)
         for storage in STORAGES
@@ -643,6 +639,18 @@ def export(run: Path, out: Path) -> Path:
 def import_into(run: Path, tables: Path, storage: str | None = None) -> None:
     args = ["tables", "import", "--tables", str(tables), "--run", str(run)]
     main(args + (["--storage", storage] if storage else []))
+
+
+def refused_import(
+    capsys: pytest.CaptureFixture[str], run: Path, tables: Path, storage: str | None = None
+) -> str:
+    """The one-line error of an import the CLI refuses (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        import_into(run, tables, storage)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
 
 
 @pytest.mark.parametrize(("trained", "storage"), [(t, s) for t in STORAGES for s in STORAGES])
@@ -744,14 +752,17 @@ def leave_open(folder: Path) -> Any:
     ],
 )
 def test_import_refuses_tables_that_do_not_fit_naming_the_problem_and_leaves_the_run(
-    runs: dict[str, Path], tmp_path: Path, damage: Any, problem: str
+    runs: dict[str, Path],
+    tmp_path: Path,
+    damage: Any,
+    problem: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(runs["host"], run)
     exported = export(run, tmp_path / "exported")
     still_open = damage(exported)
-    with pytest.raises(SystemExit, match=problem):
-        import_into(run, exported, "disk")
+    assert re.search(problem, refused_import(capsys, run, exported, "disk"))
     if damage is leave_open:
         still_open.close()
     assert_same_state(run, runs["host"])
@@ -759,8 +770,8 @@ def test_import_refuses_tables_that_do_not_fit_naming_the_problem_and_leaves_the
 
 
 def test_import_of_one_tables_folder_says_to_pass_its_parent(
-    runs: dict[str, Path], tmp_path: Path
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     exported = export(runs["host"], tmp_path / "exported")
-    with pytest.raises(SystemExit, match="pass the folder that holds the engram_layer<i> folders"):
-        import_into(runs["host"], exported / "engram_layer1")
+    err = refused_import(capsys, runs["host"], exported / "engram_layer1")
+    assert "pass the folder that holds the engram_layer<i> folders" in err

@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engramlm import CompressedVocab, TokenizerMismatchError
+from engramlm.data import NAMED_CORPORA
 from engramlm.tokenization import compression_normalizer, resolve_pad_id, special_token_ids
 
 
@@ -28,10 +29,7 @@ def train_bpe(files: list[Path], vocab_size: int) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def bpe() -> Tokenizer:
-    files = sorted(Path("/usr/share/doc/python3.11/html/_sources").rglob("*.rst.txt"))[:40]
-    if not files:
-        pytest.skip("python3.11-doc is not installed: run `make data`")
-    return train_bpe(files, 2048)
+    return train_bpe(NAMED_CORPORA["stdlib"].files()[:40], 2048)
 
 
 @pytest.mark.parametrize(
@@ -96,10 +94,10 @@ def test_compress_passes_negative_ids_through(bpe: Tokenizer) -> None:
     assert out[0, 1] == cv.lookup[5] and out[0, 2] == cv.lookup[300]
 
 
-def test_fingerprint_mismatch_is_refused(bpe: Tokenizer, pydocs_files: list[Path]) -> None:
+def test_fingerprint_mismatch_is_refused(bpe: Tokenizer, text_files: list[Path]) -> None:
     cv = CompressedVocab.from_tokenizer(bpe)
     cv.check_tokenizer(bpe)
-    other = train_bpe(pydocs_files[100:110], 1024)
+    other = train_bpe(text_files[100:110], 1024)
     with pytest.raises(TokenizerMismatchError, match="does not match"):
         cv.check_tokenizer(other)
 

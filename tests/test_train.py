@@ -1,9 +1,9 @@
 """The training loop end to end on real text: exact resume, learning, sparse table updates,
 bad input, evaluation and the CLI.
 
-One small real corpus (15 pydocs pages) is tokenized once per module; one reference run of a
-tiny Engram + MoE model (SparseAdam tables, AdamW, router bias, prefetched batches) is shared
-by the tests that only read it, and copied by those that damage it.
+One small real corpus (15 standard-library modules) is tokenized once per module; one reference
+run of a tiny Engram + MoE model (SparseAdam tables, AdamW, router bias, prefetched batches) is
+shared by the tests that only read it, and copied by those that damage it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import engramlm.train as train_module
+from conftest import copy_pages, stdlib_page
 from engramlm.checkpoint import CheckpointError, checkpoint_dir, load_checkpoint
 from engramlm.cli import load_configs, main
 from engramlm.config import EngramConfig, ModelConfig
@@ -40,10 +42,9 @@ from engramlm.train import (
     train,
 )
 
-PYDOCS_LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
 CORPUS_PAGES = (
-    "json", "functools", "enum", "dataclasses", "contextlib", "shutil", "hashlib", "struct",
-    "signal", "locale", "gettext", "venv", "difflib", "statistics", "select",
+    "json", "functools", "enum", "dataclasses", "contextlib", "shutil", "hashlib", "heapq",
+    "string", "locale", "gettext", "copy", "difflib", "statistics", "selectors",
 )  # fmt: skip
 HELD_OUT_PAGE = "textwrap"  # a user's text file: not in the corpus
 VOCAB = 512
@@ -60,14 +61,8 @@ class Corpus:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     """15 real pages, tokenized once; ENGRAMLM_CACHE points at the cache for this module."""
-    missing = [p for p in (*CORPUS_PAGES, HELD_OUT_PAGE) if not page(p).exists()]
-    if missing:
-        pytest.skip(f"python3.11-doc is not installed (no {page(missing[0])}): run `make data`")
     root = tmp_path_factory.mktemp("train")
-    folder = root / "corpus"
-    folder.mkdir()
-    for name in CORPUS_PAGES:
-        shutil.copy(page(name), folder)
+    folder = copy_pages(CORPUS_PAGES, root / "corpus")
     cache = root / "cache"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ENGRAMLM_CACHE", str(cache))  # the CLI and subprocesses find the same cache
@@ -75,7 +70,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
 
 
 def page(name: str) -> Path:
-    return PYDOCS_LIBRARY / f"{name}.rst.txt"
+    return stdlib_page(name)
 
 
 def model_config() -> ModelConfig:
@@ -314,7 +309,7 @@ def test_corpus_smaller_than_one_window_is_a_value_error_naming_sizes(
     small = tmp_path / "small"
     small.mkdir()
     for name in ("json", "enum"):  # the first 300 bytes of two real pages
-        (small / f"{name}.rst.txt").write_bytes(page(name).read_bytes()[:300])
+        (small / f"{name}.txt").write_bytes(page(name).read_bytes()[:300])
     cfg = train_config(corpus, tmp_path / "run", data=str(small), seq_len=256, eval_batches=1)
     model = dataclasses.replace(model_config(), max_seq_len=256)
     with pytest.raises(ValueError, match=r"corpus has \d+ tokens, fewer than one window .* 257"):
@@ -458,5 +453,63 @@ def test_cli_unknown_key_is_an_error_naming_it(
     corpus: Corpus, tmp_path: Path, override: str, named: str
 ) -> None:
     toml = write_toml(tmp_path / "run.toml", model_config(), train_config(corpus, tmp_path / "r"))
-    with pytest.raises(SystemExit, match=named):
+    with pytest.raises(ValueError, match=named):
         load_configs(str(toml), [override])
+
+
+class RecordingBar:
+    """Stands in for the tqdm bar: records what each step would show."""
+
+    def __init__(self) -> None:
+        self.shown: list[dict[str, str]] = []
+
+    def set_postfix(self, values: dict[str, str], refresh: bool = True) -> None:
+        self.shown.append(dict(values))
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_progress_bar_shows_validation_loss_only_after_the_first_evaluation(
+    corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bar = RecordingBar()
+    monkeypatch.setattr(train_module, "_progress", lambda total, initial, enabled: bar)
+    cfg = train_config(corpus, tmp_path / "run", steps=5, eval_every=2)
+    train(model_config(), cfg, corpus=corpus.prepared)
+    assert ["val" in shown for shown in bar.shown] == [False, True, True, True, True]
+    assert all(math.isfinite(float(shown["val"])) for shown in bar.shown[1:])
+
+
+def test_tensorboard_events_hold_every_number_of_metrics_jsonl(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorboard", reason="the [tb] extra (tensorboard) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = train_config(corpus, tmp_path / "run", steps=4, eval_every=2, tensorboard=True)
+    train(model_config(), cfg, corpus=corpus.prepared, progress=False)
+    board = tmp_path / "run" / "tensorboard"
+    assert list(board.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(board))
+    events.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    keys = {k for row in rows for k in row} - {"step"}
+    assert {"loss", "val_loss", "lr"} <= keys and set(events.Tags()["scalars"]) == keys
+    for key in keys:
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        expected = [(row["step"], pytest.approx(row[key], rel=1e-6)) for row in rows if key in row]
+        assert logged == expected, key
+
+
+def test_tensorboard_without_the_package_says_how_to_install_it(
+    corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    cfg = train_config(corpus, tmp_path / "run", tensorboard=True)
+    with pytest.raises(ImportError, match=r"pip install 'engramlm\[tb\]'"):
+        train(model_config(), cfg, corpus=corpus.prepared, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before any work

@@ -10,14 +10,15 @@
     engramlm retrofit --model-dir hf_model/ --out runs/retrofit --steps 200 --engram.layer_ids=[1]
 
 A config file is TOML with ``[model]`` (``[model.engram]`` nested) and ``[train]`` tables; any
-field can be overridden with a dotted flag. Unknown keys are errors that list the known ones.
+field can be overridden with a dotted flag (``engramlm.overrides``; ``train --help`` lists them
+all, from the dataclasses). A user's mistake (``USER_ERRORS``) ends in one line on stderr and
+exit status 2; ``-v`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -25,72 +26,47 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from engramlm.config import ModelConfig
+from engramlm import __version__
+from engramlm.config import EngramConfig, ModelConfig
+from engramlm.overrides import Schema, apply_overrides, format_fields
+from engramlm.train import TrainConfig
+
+# The sections `engramlm train` overrides, and the dataclass each one fills.
+TRAIN_OVERRIDES: Schema = {"model": ModelConfig, "train": TrainConfig}
+# Mistakes a user can make (a missing file, a bad value, an optional package not installed):
+# one line and exit status 2, not a traceback; `-v` shows the traceback. Anything else (a bug)
+# keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
-def _parse_value(text: str) -> Any:
-    """``--x=3`` -> 3, ``--x=[1,2]`` -> [1, 2], ``--x=true`` -> True, else the string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def load_configs(path: str | None, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """A TOML file (or the built-in ``tiny`` model) plus overrides -> (ModelConfig, TrainConfig).
 
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``section.key[.sub]=value`` pairs into a nested dict (copied)."""
-    tree = json.loads(json.dumps(tree))
-    for item in overrides:
-        if not item.startswith("--") or "=" not in item:
-            raise SystemExit(f"error: expected --section.key=value, got {item!r}")
-        key, value = item[2:].split("=", 1)
-        parts = key.split(".")
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise SystemExit(f"error: {key}: {part} is not a section")
-        node[parts[-1]] = _parse_value(value)
-    return tree
-
-
-def load_configs(path: str | None, overrides: list[str]) -> tuple[ModelConfig, Any]:
-    """A TOML file (or the built-in ``tiny`` model) plus overrides -> (ModelConfig, TrainConfig)."""
-    from engramlm.train import TrainConfig
-
+    Unknown sections, fields and override keys are ``ValueError``s naming the closest valid one.
+    """
     tree: dict[str, Any] = {"model": ModelConfig.preset("tiny").to_dict(), "train": {}}
     if path is not None:
         file = Path(path)
         if not file.exists():
-            raise SystemExit(f"error: config file {file} does not exist")
-        loaded = tomllib.loads(file.read_text())
-        unknown = set(loaded) - {"model", "train"}
+            raise FileNotFoundError(f"config file {file} does not exist; check the --config path")
+        try:
+            loaded = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{file} is not valid TOML: {e}") from e
+        unknown = set(loaded) - set(TRAIN_OVERRIDES)
         if unknown:
-            raise SystemExit(
-                f"error: {file}: unknown sections {sorted(unknown)}; use [model], [train]"
-            )
+            raise ValueError(f"{file}: unknown sections {sorted(unknown)}; use [model], [train]")
         if "model" in loaded:
             tree["model"] = loaded["model"]
         tree["train"] = loaded.get("train", {})
-    tree = apply_overrides(tree, overrides)
-    unknown = set(tree) - {"model", "train"}
-    if unknown:  # e.g. --steps=3 for --train.steps=3: would otherwise be silently ignored
-        raise SystemExit(
-            f"error: unknown sections {sorted(unknown)} in overrides; use --model.* or --train.*"
-        )
-    try:
-        return ModelConfig.from_dict(tree["model"]), TrainConfig.from_dict(tree["train"])
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
+    tree = apply_overrides(tree, overrides, TRAIN_OVERRIDES)
+    return ModelConfig.from_dict(tree["model"]), TrainConfig.from_dict(tree["train"])
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Train a model on real text (see engramlm.train); under torchrun, data-parallel with the
-    Engram tables sharded across the ranks (engramlm.distributed)."""
+    """Train a model on real text and save it, with checkpoints, metrics and plots, in a run
+    folder (runs/train unless --train.out_dir says otherwise). Under torchrun, trains on
+    several processes with the Engram tables sharded across them."""
     from engramlm.train import train
 
     model_cfg, train_cfg = load_configs(args.config, overrides)
@@ -109,7 +85,8 @@ def _rank() -> int:
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Validation loss and bits per byte of a trained run, on its split or on a text file."""
+    """Score a trained run: validation loss and bits per byte, on its held-out split or on a
+    text file of yours."""
     from engramlm.train import evaluate_run
 
     loss, bpb, tokens = evaluate_run(
@@ -122,33 +99,36 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Continue a prompt with a trained run's model (--run), streaming the text as it comes, or
+    """Continue a prompt with a trained run's model (--run), printing the text as it comes, or
     with a released model's folder (--model-dir) whose n-gram tables stay on --engram-tables."""
     from engramlm.generate import generate_text
 
-    def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    sys.stdout.write(args.prompt)
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: give some text to continue, e.g. --prompt 'The list'")
     if args.model_dir is not None:
         from engramlm.hf import generate_offloaded
 
-        show(
-            generate_offloaded(
-                args.model_dir,
-                args.prompt,
-                engram_tables=args.engram_tables,
-                table_dir=args.table_dir,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k or None,
-                top_p=args.top_p,
-                seed=args.seed,
-            )
+        text = generate_offloaded(
+            args.model_dir,
+            args.prompt,
+            engram_tables=args.engram_tables,
+            table_dir=args.table_dir,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            seed=args.seed,
         )
-        sys.stdout.write("\n")
+        sys.stdout.write(args.prompt + text + "\n")
         return
+    printed = False
+
+    def show(piece: str) -> None:  # the prompt first, once the run has loaded (not on an error)
+        nonlocal printed
+        sys.stdout.write(piece if printed else args.prompt + piece)
+        sys.stdout.flush()
+        printed = True
+
     generate_text(
         args.run,
         args.prompt,
@@ -159,11 +139,13 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         seed=args.seed,
         on_text=show,
     )
-    sys.stdout.write("\n")
+    sys.stdout.write(("" if printed else args.prompt) + "\n")
 
 
 def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> None:
-    """The main job: MoE baseline vs iso-parameter Engram vs dense iso-FLOP, same data/steps."""
+    """The README's demo (make demo): trains an MoE, an Engram model with the same total
+    parameters, and a dense model with the same compute on the same text, then prints their
+    held-out losses side by side and plots the loss curves."""
     from engramlm.compare import run_compare
 
     run_compare(out_dir=args.out, steps=args.steps, overrides=overrides)
@@ -182,20 +164,16 @@ def cmd_tables_import(args: argparse.Namespace, overrides: list[str]) -> None:
     way --storage keeps tables; the run's Adam moments are kept."""
     from engramlm.table_io import import_tables
 
-    try:
-        path = import_tables(args.run, args.tables, storage=args.storage)
-    except (ValueError, FileNotFoundError) as e:  # TableFileError is a ValueError
-        raise SystemExit(f"error: {e}") from e
+    path = import_tables(args.run, args.tables, storage=args.storage)
     print(f"imported the tables of {args.tables} into {path}")
 
 
 def cmd_retrofit(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Add Engram to a local Hugging Face model folder and train only Engram (engramlm.retrofit)."""
+    """Add Engram to a Hugging Face model saved in a local folder and train only Engram, the
+    model itself frozen; reports the validation loss before and after."""
     from engramlm.retrofit import RETROFIT_TRAIN, retrofit_pretrained
 
-    tree = apply_overrides({}, overrides)
-    if set(tree) - {"engram"}:
-        raise SystemExit(f"error: retrofit takes only --engram.* overrides, got {sorted(tree)}")
+    tree = apply_overrides({}, overrides, RETROFIT_OVERRIDES)
     config = dataclasses.replace(
         RETROFIT_TRAIN,
         data=args.data,
@@ -215,18 +193,24 @@ def cmd_retrofit(args: argparse.Namespace, overrides: list[str]) -> None:
     )
 
 
-def cmd_experiment(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Run one of the paper's experiments in miniature (or `all`), writing runs/NAME/."""
-    from engramlm.experiments import EXPERIMENTS, run_experiment
+RETROFIT_OVERRIDES: Schema = {"engram": EngramConfig}
 
-    settings = apply_overrides({}, overrides)  # --moe.* / --engram.* / --train.*
+
+def cmd_experiment(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Run one of the paper's experiments in miniature (or all of them), writing its numbers
+    and plots to runs/NAME/ and its section of docs/results.md."""
+    from engramlm.experiments import EXPERIMENTS, run_experiment
+    from engramlm.experiments.common import OVERRIDES
     from engramlm.experiments.report import write_page
 
+    settings = apply_overrides({}, overrides, OVERRIDES)  # --moe.* / --engram.* / --train.*
     names = {"all": list(EXPERIMENTS), "report": []}.get(args.name, [args.name])
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
-        raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        raise ValueError(
+            f"--seeds must be comma-separated integers, e.g. --seeds 0,1,2; got {args.seeds!r}"
+        ) from None
     for name in names:
         run_experiment(
             name,
@@ -244,30 +228,66 @@ def cmd_experiment(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"results page: {write_page(args.out, args.page or 'docs/results.md')}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="engramlm", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+ABOUT = """\
+Engram language models: conditional memory (hashed n-gram embedding tables) added to a
+Transformer, trained on real text on a CPU or a GPU.
 
-    p = sub.add_parser("train", help=cmd_train.__doc__)
-    p.add_argument("--config", help="TOML file with [model] and [train] tables")
+Start with `engramlm compare` (the README's demo), or train your own model:
+  engramlm train --config recipes/tiny.toml --train.steps=200
+  engramlm generate --run runs/tiny --prompt "The list type"
+`engramlm COMMAND --help` lists a command's options."""
+
+TRAIN_EXAMPLES = """\
+Every field of the model and training configs can be set with --SECTION.FIELD=VALUE (VALUE is
+JSON: 3, 1e-3, true, [1,2]; anything else is a string). Precedence: built-in defaults (the tiny
+model), then the --config file, then these flags. Examples:
+  engramlm train --config recipes/tiny.toml --train.steps=200 --train.lr=1e-3
+  engramlm train --config recipes/tiny.toml --model.hidden_size=128 --model.engram.layer_ids=[1,2]
+  engramlm train --config recipes/tiny.toml --train.data=notes.txt --train.out_dir=runs/notes
+  engramlm train --config recipes/tiny.toml --train.out_dir=runs/notes --resume
+
+Fields, with their defaults (--model.engram.* apply when the model has Engram, as in the
+recipes):
+"""
+
+
+def _train_epilog() -> str:
+    return TRAIN_EXAMPLES + format_fields(TRAIN_OVERRIDES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``engramlm`` parser: one subcommand per user task, help from the docstrings."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="engramlm", description=ABOUT, formatter_class=raw)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging; tracebacks for errors"
+    )
+    parser.add_argument("--version", action="version", version=f"engramlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Any, schema: Schema | None = None, **kw: Any) -> Any:
+        doc = " ".join(fn.__doc__.split())
+        p = sub.add_parser(name, help=doc, description=doc, formatter_class=raw, **kw)
+        p.set_defaults(fn=fn, overrides_schema=schema)
+        return p
+
+    p = command("train", cmd_train, TRAIN_OVERRIDES, epilog=_train_epilog())
+    p.add_argument("--config", help="TOML file with [model] and [train] tables (recipes/*.toml)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help=cmd_eval.__doc__)
-    p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
+    p = command("eval", cmd_eval)
+    p.add_argument("--run", required=True, help="a run folder written by `engramlm train`")
     p.add_argument("--data", help="a text file/folder/.jsonl to score instead of the val split")
-    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--max-batches", type=int, default=None, help="score at most this many")
     p.add_argument(
         "--table-storage",
         choices=["device", "host", "disk"],
         help="where the Engram tables live while scoring (default: the run's table_storage)",
     )
-    p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    p = command("generate", cmd_generate)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="a run directory written by `engramlm train`")
+    source.add_argument("--run", help="a run folder written by `engramlm train`")
     source.add_argument(
         "--model-dir",
         help="a transformers model folder with hashed n-gram tables and a tokenizer "
@@ -280,38 +300,51 @@ def main(argv: list[str] | None = None) -> None:
         help="--model-dir: where the n-gram tables live (disk: built once under --table-dir)",
     )
     p.add_argument("--table-dir", default=None, help="--model-dir: the disk tier's folder")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("compare", help=cmd_compare.__doc__)
-    p.add_argument("--out", default="runs/compare")
+    from engramlm.compare import OVERRIDES as COMPARE_OVERRIDES
+
+    p = command(
+        "compare",
+        cmd_compare,
+        COMPARE_OVERRIDES,
+        epilog="Override the models and schedule with --moe.FIELD, --engram.FIELD, --rho=R and "
+        "--train.FIELD\n(fields as in `engramlm train --help`), e.g. --train.data=stdlib.",
+    )
+    p.add_argument("--out", default="runs/compare", help="folder for the runs and the table")
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
-    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("tables", help="move Engram tables out of and into a run's checkpoints")
-    tables = p.add_subparsers(dest="tables_command", required=True)
+    tables = p.add_subparsers(dest="tables_command", required=True, metavar="ACTION")
     p = tables.add_parser("export", help=cmd_tables_export.__doc__)
-    p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
+    p.add_argument("--run", required=True, help="a run folder written by `engramlm train`")
     p.add_argument("--out", required=True, help="a new folder for the disk tables")
-    p.set_defaults(fn=cmd_tables_export)
+    p.set_defaults(fn=cmd_tables_export, overrides_schema=None)
     p = tables.add_parser("import", help=cmd_tables_import.__doc__)
     p.add_argument("--tables", required=True, help="a folder of engram_layer<i> disk tables")
-    p.add_argument("--run", required=True, help="a run directory written by `engramlm train`")
+    p.add_argument("--run", required=True, help="a run folder written by `engramlm train`")
     p.add_argument(
         "--storage",
         choices=["device", "host", "disk"],
         help="how the checkpoint stores the tables (default: the run's table_storage)",
     )
-    p.set_defaults(fn=cmd_tables_import)
+    p.set_defaults(fn=cmd_tables_import, overrides_schema=None)
 
     from engramlm.experiments import EXPERIMENTS
+    from engramlm.experiments.common import OVERRIDES as EXPERIMENT_OVERRIDES
 
-    p = sub.add_parser("experiment", help=cmd_experiment.__doc__)
+    p = command(
+        "experiment",
+        cmd_experiment,
+        EXPERIMENT_OVERRIDES,
+        epilog="Override the base models and schedule with --moe.FIELD, --engram.FIELD and "
+        "--train.FIELD\n(fields as in `engramlm train --help`), e.g. --train.steps=600.",
+    )
     p.add_argument(
         "name",
         choices=[*EXPERIMENTS, "all", "report"],
@@ -328,9 +361,8 @@ def main(argv: list[str] | None = None) -> None:
         default="docs/results.md",
         help="results page rewritten after each experiment ('' = none)",
     )
-    p.set_defaults(fn=cmd_experiment)
 
-    p = sub.add_parser("retrofit", help=cmd_retrofit.__doc__)
+    p = command("retrofit", cmd_retrofit, RETROFIT_OVERRIDES)
     p.add_argument("--model-dir", required=True, help="a local save_pretrained folder")
     p.add_argument("--out", required=True, help="folder for the Engram weights and report")
     p.add_argument("--data", default="pydocs", help="named corpus, text file/folder or .jsonl")
@@ -339,15 +371,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-batches", type=int, default=20)
-    p.set_defaults(fn=cmd_retrofit)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
+    if overrides and args.overrides_schema is None:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO if _rank() == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    args.fn(args, overrides)
+    try:
+        args.fn(args, overrides)
+    except USER_ERRORS as e:
+        if args.verbose:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        command = " ".join(c for c in (args.command, getattr(args, "tables_command", None)) if c)
+        parser.exit(2, f"engramlm {command}: error: {message}\n")
 
 
 if __name__ == "__main__":

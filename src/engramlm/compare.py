@@ -22,6 +22,7 @@ from typing import Any
 from engramlm.config import EngramConfig, ModelConfig
 from engramlm.data import PreparedCorpus, prepare_corpus
 from engramlm.model import allocate, model_stats
+from engramlm.overrides import Schema, apply_overrides
 from engramlm.train import TrainConfig, TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ DEFAULT_TRAIN = TrainConfig(
     eval_batches=40,
     log_every=10,
 )
+# What `engramlm compare --moe.hidden_size=512 --rho=0.5 --train.steps=600 ...` may override.
+OVERRIDES: Schema = {"moe": ModelConfig, "engram": EngramConfig, "rho": float, "train": TrainConfig}
 
 
 def dense_iso_flop(moe: ModelConfig) -> ModelConfig:
@@ -98,8 +101,6 @@ def run_compare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the three models and print/write the comparison; returns the results dict."""
-    from engramlm.cli import apply_overrides
-
     tree = apply_overrides(
         {
             "moe": DEFAULT_MOE.to_dict(),
@@ -108,6 +109,7 @@ def run_compare(
             "train": DEFAULT_TRAIN.to_dict(),
         },
         overrides or [],
+        OVERRIDES,
     )
     train_cfg = TrainConfig.from_dict(tree["train"])
     if steps is not None:

@@ -7,6 +7,7 @@ with ``dataclasses.replace(cfg, ...)``; derived values are properties, never sto
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,7 +51,12 @@ def check_fields(cls: type, d: dict[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+        first = sorted(unknown)[0]
+        near = difflib.get_close_matches(first, sorted(known), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ValueError(
+            f"unknown {cls.__name__} fields {sorted(unknown)}; {hint}known: {sorted(known)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -99,10 +105,10 @@ class EngramConfig:
     embed_dim_per_ngram: int = 512  # width of one order's concatenated heads
     layer_ids: tuple[int, ...] = (1, 15)  # 0-based
     pad_id: int | None = None  # raw filler id; None: the tokenizer's pad, else EOS
-    seed: int = 0
+    seed: int = 0  # seeds the hash multipliers (SPEC §2.3)
     kernel_size: int = 4  # short conv kernel w; dilation is max_ngram
     hc_mult: int = 4  # M residual branches (1 = plain residual)
-    gate: GateForm = "signed_sqrt"
+    gate: GateForm = "signed_sqrt"  # or "plain" (the paper's formula) or "none" (alpha = 1)
     multi_branch: bool = True  # one gate per residual branch (SPEC §2.8)
     compress_tokens: bool = True  # hash compressed ids (SPEC §2.1); False: raw ids
     short_conv: bool = True  # Y = SiLU(Conv1D(RMSNorm(U))) + U; False: Y = U
@@ -278,24 +284,24 @@ class ModelConfig:
     the gate, conv and ``hc_mult`` fields.
     """
 
-    vocab_size: int = 256
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    vocab_size: int = 256  # V; training sets it to the tokenizer's
+    num_layers: int = 2  # Transformer blocks
+    hidden_size: int = 64  # D, the residual width
+    num_heads: int = 4  # attention heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention)
     ffn_hidden_size: int = 176  # dense SwiGLU intermediate (~8/3 D)
     num_experts: int = 0  # routed experts; 0 = dense FFN in every layer
     experts_per_token: int = 0  # top-k
-    num_shared_experts: int = 0
+    num_shared_experts: int = 0  # always-on experts beside the routed ones
     expert_hidden_size: int = 0  # SwiGLU intermediate of one (routed or shared) expert
     first_dense_layers: int = 1  # leading layers with a dense FFN (paper: 1)
     moe_bias_update_rate: float = 1e-3  # gamma of loss-free balancing
-    rope_theta: float = 10000.0
-    max_seq_len: int = 256
-    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # RoPE base frequency
+    max_seq_len: int = 256  # longest context, in tokens
+    norm_eps: float = 1e-6  # RMSNorm epsilon
     hc_mult: int = 1  # M residual streams
-    tie_embeddings: bool = False
-    engram: EngramConfig | None = None
+    tie_embeddings: bool = False  # LM head shares the input embedding
+    engram: EngramConfig | None = None  # Engram memory; None = none
     compressed_vocab_size: int | None = None  # V'; None = vocab_size (no compression)
     overencoding: EngramConfig | None = None  # Over-Encoding baseline at the input embedding
 

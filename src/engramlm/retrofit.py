@@ -647,6 +647,11 @@ def retrofit_pretrained(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a Hugging Face model folder (no config.json): pass a local "
+            "folder written by save_pretrained (nothing is downloaded)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     defaults = {**EngramConfig.preset("tiny").to_dict(), "pad_id": None}  # retrofit resolves

@@ -49,7 +49,7 @@ from engramlm.tables import MemoryStore, OffloadedTable, RowStore, Table, TableP
 from engramlm.tables.disk import read_table_file, verify_table_file
 from engramlm.tables.offload import row_chunks
 from engramlm.tables.plan import TableKind, write_range
-from engramlm.train import TrainConfig, build_optimizers, build_run_model
+from engramlm.train import TrainConfig, build_optimizers, build_run_model, check_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def import_tables(
     clean close, an empty journal, the data checksum: one more read of the rows).
     -> the checkpoint directory.
     """
-    run, source = Path(run_dir), Path(tables_dir)
+    run, source = check_run_dir(run_dir), Path(tables_dir)
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text())["train"])
     cfg = dataclasses.replace(cfg, table_storage=storage or cfg.table_storage)
     with contextlib.ExitStack() as stack:

@@ -11,11 +11,13 @@ which a dense Adam would decay). The schedule is linear warmup then cosine to
 couple unrelated rows).
 
 A run directory holds ``config.json`` (the resolved configs), ``metrics.jsonl`` and
-``checkpoints/``. ``resume=True`` continues from the last good checkpoint so that the loss curve
-equals the uninterrupted run's bit for bit (fp32 on CPU): model, optimiser, RNG and data position
-are all restored, and the schedule is a pure function of the step. Disk tables live in
-``<out_dir>/tables/``; each checkpoint holds a snapshot of their files (``engramlm.checkpoint``),
-and a resume rebuilds the live files from it, so they resume exactly too.
+``checkpoints/``; with ``tensorboard=True`` also ``tensorboard/``, the same rows as TensorBoard
+scalars (the ``tb`` extra). ``resume=True`` continues from the last good checkpoint so that
+the loss curve equals the uninterrupted run's bit for bit (fp32 on CPU): model, optimiser, RNG
+and data position are all restored, and the schedule is a pure function of the step. Disk
+tables live in ``<out_dir>/tables/``; each checkpoint holds a snapshot of their files
+(``engramlm.checkpoint``), and a resume rebuilds the live files from it, so they resume
+exactly too.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains data-parallel with the Engram
 tables sharded row-wise across the ranks (``engramlm.distributed``, SPEC §5): ``batch_size`` is
@@ -72,30 +74,31 @@ logger = logging.getLogger(__name__)
 class TrainConfig:
     """How to train: data, batch shape, optimiser, schedule, evaluation, checkpoints."""
 
-    data: str = "pydocs"  # a named corpus (DATA.md) or a file / folder / .jsonl path
+    data: str = "pydocs"  # named corpus (pydocs, stdlib, zh-fortunes) or a file/folder/.jsonl
     vocab_size: int = 8192  # byte-level BPE trained on the training split
-    val_fraction: float = 0.05
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: int = 1000
-    lr: float = 3e-3
+    val_fraction: float = 0.05  # share of the documents held out for validation
+    seq_len: int = 256  # tokens per training window
+    batch_size: int = 16  # windows per step (per process under torchrun)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    steps: int = 1000  # optimiser steps
+    lr: float = 3e-3  # peak learning rate (AdamW for the dense weights)
     table_lr_mult: float = 5.0  # SPEC §3: Engram embeddings at 5x the base LR, Adam, no wd
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    warmup_steps: int = 50  # linear warmup, then cosine decay
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.1  # AdamW, dense weights only
+    grad_clip: float = 1.0  # max gradient norm of the dense weights
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast
-    eval_every: int = 100
-    eval_batches: int = 20
+    eval_every: int = 100  # steps between validations (0: only at the end)
+    eval_batches: int = 20  # validation batches per evaluation
     ckpt_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    out_dir: str = "runs/train"
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 10  # steps between metrics.jsonl rows
+    seed: int = 0  # initial weights, data order and split
+    out_dir: str = "runs/train"  # the run folder: configs, checkpoints, metrics
     table_storage: Literal["device", "host", "disk"] = "device"  # SPEC §5; see tables.plan
     table_cache_mb: int = 256  # disk tier: row cache per table (files: <out_dir>/tables/)
     dense_parallel: Literal["ddp", "fsdp"] = "ddp"  # torchrun: the dense part (tables sharded)
+    tensorboard: bool = False  # metrics.jsonl's rows also as TensorBoard scalars (engramlm[tb])
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "eval_batches")
@@ -118,6 +121,8 @@ class TrainConfig:
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _ = self.table_plan  # validates table_storage and table_cache_mb
+        if not isinstance(self.tensorboard, bool):
+            raise TypeError(f"tensorboard must be true or false, got {self.tensorboard!r}")
         if self.dense_parallel not in ("ddp", "fsdp"):
             raise ValueError(f"dense_parallel must be 'ddp' or 'fsdp', got {self.dense_parallel!r}")
 
@@ -272,10 +277,19 @@ def evaluate(
 
 class MetricsLog:
     """Append-only JSONL; on resume, rows past the resumed step are dropped first. Without a
-    ``path`` (ranks other than 0) the rows are only kept in memory."""
+    ``path`` (ranks other than 0) the rows are only kept in memory. With a ``tensorboard``
+    folder, every number of every row is also a TensorBoard scalar at the row's step (events
+    past the resumed step purged, like the JSONL rows)."""
 
-    def __init__(self, path: Path | None, resume_step: int | None) -> None:
+    def __init__(
+        self, path: Path | None, resume_step: int | None, tensorboard: Path | None = None
+    ) -> None:
         self.path = path
+        self.board = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(tensorboard), purge_step=resume_step)
         rows: list[dict[str, Any]] = []
         if path is None:
             pass
@@ -290,10 +304,38 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.board.add_scalar(key, value, row["step"])
         if self.path is None:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def check_tensorboard() -> None:
+    """An ``ImportError`` saying how to install TensorBoard when it is missing."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "train.tensorboard=true needs the tensorboard package: pip install 'engramlm[tb]' "
+            "(or set --train.tensorboard=false)"
+        ) from None
+
+
+def _postfix(row: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's numbers: validation loss only once there has been an evaluation."""
+    shown = {"loss": f"{row['loss']:.3f}"}
+    if math.isfinite(row.get("val_loss", math.nan)):
+        shown["val"] = f"{row['val_loss']:.3f}"
+    shown["tok_s"] = f"{row['tokens_per_s']:.0f}"
+    return shown
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
@@ -317,6 +359,8 @@ def train(
             f"train.seq_len={cfg.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
             "lower seq_len or raise max_seq_len"
         )
+    if cfg.tensorboard:
+        check_tensorboard()  # before any work
     device = torch.device(device)
     launch = None  # one process; under torchrun, this rank's place (engramlm.distributed)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -404,7 +448,9 @@ def train(
             corpus.tokenizer.save(str(out / "tokenizer.json"))
             corpus.compressed_vocab.save(out / "compressed_vocab.json")
         metrics = MetricsLog(
-            out / "metrics.jsonl" if main else None, start_step if ckpt is not None else None
+            out / "metrics.jsonl" if main else None,
+            start_step if ckpt is not None else None,
+            out / "tensorboard" if main and cfg.tensorboard else None,
         )
 
         def save(step: int) -> None:
@@ -487,18 +533,14 @@ def train(
                     row["val_bpb"] = corpus.val.bits_per_byte(val_loss)
                 if (step + 1) % max(1, cfg.log_every) == 0 or "val_loss" in row or last:
                     metrics.write(row)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.3f}",
-                    val=f"{val_loss:.3f}",
-                    tok_s=f"{row['tokens_per_s']:.0f}",
-                    refresh=False,
-                )
+                bar.set_postfix(_postfix({**row, "val_loss": val_loss}), refresh=False)
                 bar.update(1)
                 if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last:
                     save(step + 1)
         finally:
             stream.close()
             bar.close()
+            metrics.close()
 
         if start_step >= cfg.steps:  # resumed a finished run: evaluate what is there
             val_loss = evaluate(model, val_batches, cfg, device, launch)
@@ -550,6 +592,19 @@ def _bind_vocab(model_cfg: ModelConfig, corpus: PreparedCorpus) -> ModelConfig:
     )
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path when it holds a run (its ``config.json``); else a
+    ``FileNotFoundError`` saying what to pass instead."""
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        what = "does not exist" if not run.exists() else "holds no run (no config.json)"
+        raise FileNotFoundError(
+            f"{run} {what}: pass a run folder written by `engramlm train` (its --train.out_dir, "
+            "runs/train by default)"
+        )
+    return run
+
+
 def build_run_model(
     run_dir: str | Path, device: str | torch.device = "cpu", tables: TablePlan | None = None
 ) -> tuple[EngramLM, Any, dict[str, Any]]:
@@ -558,8 +613,8 @@ def build_run_model(
 
     from engramlm.tokenization import CompressedVocab
 
-    run = Path(run_dir)
-    for name in ("config.json", "tokenizer.json", "compressed_vocab.json"):
+    run = check_run_dir(run_dir)
+    for name in ("tokenizer.json", "compressed_vocab.json"):
         if not (run / name).exists():
             raise FileNotFoundError(f"{run / name} is missing: is {run} a run written by train?")
     configs = json.loads((run / "config.json").read_text())
@@ -604,7 +659,9 @@ def evaluate_run(
     ``table_storage`` places the Engram tables (default: the tier the run trained on); disk
     tables are rebuilt from the checkpoint in a temporary folder inside the run.
     """
-    cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["train"])
+    cfg = TrainConfig.from_dict(
+        json.loads((check_run_dir(run_dir) / "config.json").read_text())["train"]
+    )
     storage = table_storage or cfg.table_storage
     with contextlib.ExitStack() as stack:
         live = None

@@ -40,11 +40,16 @@ from engramlm.compare import DEFAULT_ENGRAM, DEFAULT_MOE, DEFAULT_TRAIN
 from engramlm.config import EngramConfig, ModelConfig
 from engramlm.data import PreparedCorpus, prepare_corpus
 from engramlm.model import EngramLM
+from engramlm.overrides import Schema
 from engramlm.train import TrainConfig, TrainResult, load_run, train
 
 logger = logging.getLogger(__name__)
 
-# Smoke size: a 2-layer width-64 MoE, a few steps, a small vocabulary (seconds per run).
+# What `engramlm experiment NAME --moe.hidden_size=512 --train.steps=600 ...` may override.
+OVERRIDES: Schema = {"moe": ModelConfig, "engram": EngramConfig, "train": TrainConfig}
+
+# Smoke size: a 2-layer width-64 MoE, a few steps, a small vocabulary (seconds per run), on the
+# standard library's source (the `stdlib` corpus), which is wherever Python is: CI needs no corpus.
 SMOKE_MOE = dataclasses.replace(
     DEFAULT_MOE,
     num_layers=2,
@@ -59,6 +64,7 @@ SMOKE_MOE = dataclasses.replace(
 SMOKE_ENGRAM = dataclasses.replace(DEFAULT_ENGRAM, heads_per_ngram=2, embed_dim_per_ngram=16)
 SMOKE_TRAIN = dataclasses.replace(
     DEFAULT_TRAIN,
+    data="stdlib",
     vocab_size=512,
     seq_len=32,
     batch_size=4,
