@@ -251,8 +251,8 @@ def test_engram_init_follows_design() -> None:
     for engram in engrams:
         table_std = float(engram.table.weight.detach().std())
         assert abs(table_std - TABLE_INIT_STD) < 0.1 * TABLE_INIT_STD
-        value = engram.kv_proj.weight[engram.value_rows]
-        keys = engram.kv_proj.weight[: engram.value_rows.start]
+        value = engram.kv_proj.weight.detach()[engram.value_rows]
+        keys = engram.kv_proj.weight.detach()[: engram.value_rows.start]
         assert abs(float(value.std()) - out_std) < 0.2 * out_std
         assert abs(float(keys.std()) - 0.02) < 0.2 * 0.02
         assert not engram.kv_proj.bias.any() and not engram.short_conv.weight.any()
