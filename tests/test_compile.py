@@ -1,10 +1,18 @@
 """``torch.compile(model)`` equals eager: a training step's loss and gradients, and KV-cached
 greedy decoding with the table in memory and on the host tier (whose lookups run eagerly
-between compiled graphs; ``OffloadedTable``)."""
+between compiled graphs; ``OffloadedTable``).
+
+Every test runs with the ``aot_eager`` backend, which traces the model as ``torch.compile``
+does (graph capture, guards, the decode cache mutated from inside the graph, dynamic shapes,
+autograd) without generating kernels; with ``ENGRAMLM_TEST_INDUCTOR=1`` also with the default
+backend, inductor, whose C++ kernel builds take ~5 minutes per test on 2 busy cores with a cold
+cache (passed on 2026-12-01, issue 16).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -14,8 +22,19 @@ from engramlm.generate import generate_tokens
 from engramlm.model import EngramLM
 from engramlm.tables import TablePlan, convert_table
 
-# Inductor compiles C++ kernels: some tens of seconds per test on 2 busy cores.
+# Tracing alone takes 10-90 s per test on 2 busy cores (~80 s CPU for the three here).
 pytestmark = pytest.mark.slow
+BACKENDS = [
+    "aot_eager",
+    pytest.param(
+        "inductor",
+        marks=pytest.mark.skipif(
+            not os.environ.get("ENGRAMLM_TEST_INDUCTOR"),
+            reason="inductor builds C++ kernels, ~5 min per test on 2 cores with a cold "
+            "cache: set ENGRAMLM_TEST_INDUCTOR=1",
+        ),
+    ),
+]
 
 CONFIG = dataclasses.replace(
     ModelConfig.preset("tiny-mhc"),
@@ -46,10 +65,11 @@ def build(plan: TablePlan | None = None) -> EngramLM:
     return model
 
 
-def test_compiled_training_step_has_eager_loss_and_gradients() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_training_step_has_eager_loss_and_gradients(backend: str) -> None:
     eager = build().train()
     compiled_model = build().train()
-    compiled = torch.compile(compiled_model)
+    compiled = torch.compile(compiled_model, backend=backend)
     ids = torch.randint(0, CONFIG.vocab_size, (2, 12))
     targets = ids.roll(-1, dims=1)
     loss_eager = eager(ids, targets=targets).loss
@@ -64,10 +84,11 @@ def test_compiled_training_step_has_eager_loss_and_gradients() -> None:
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-3, atol=1e-5 * scale + 1e-8)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tier", ["device", "host"])
-def test_compiled_decoding_equals_eager(tier: str) -> None:
+def test_compiled_decoding_equals_eager(tier: str, backend: str) -> None:
     eager = build(TablePlan(kind=tier)).eval()
-    compiled = torch.compile(build(TablePlan(kind=tier)).eval(), dynamic=True)
+    compiled = torch.compile(build(TablePlan(kind=tier)).eval(), backend=backend, dynamic=True)
     prompt = torch.randint(0, CONFIG.vocab_size, (2, 5))
     expected = torch.stack(list(generate_tokens(eager, prompt, 6, temperature=0)), 1)
     got = torch.stack(list(generate_tokens(compiled, prompt, 6, temperature=0)), 1)
