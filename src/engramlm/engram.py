@@ -85,14 +85,9 @@ class ShortConv(nn.Module):
 
     def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """[B, T, M, D] (+ state [B, M*D, P]) -> ([B, T, M, D], new state [B, M*D, P])."""
-        return self.conv(self.norm(u), state)
-
-    def conv(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """SiLU(Conv1D(x)) of the already normalised input x: the part after the RMSNorm, for a
-        caller that computes the norm more cheaply (``Engram.forward``). Shapes as ``forward``."""
-        B, T, M, D = x.shape
+        B, T, M, D = u.shape
         P = self.receptive_field
-        x = x.flatten(-2)  # [B, T, M*D]
+        x = self.norm(u).flatten(-2)  # [B, T, M*D]
         if state is None:
             x = F.pad(x, (0, 0, P, 0))  # causal left padding, [B, P+T, M*D]
         else:
