@@ -19,7 +19,9 @@ the iso-parameter MoE and its Engram reallocation at rho = 0.75, the demo's batc
 sequence length), the ratio of issue 16's goal 5.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--threads N]
-        [--baseline backbone|demo-moe]
+        [--baseline backbone|demo-moe] [--compile]
+
+``--compile`` trains both through ``torch.compile(model)`` (the untimed warm-up steps compile).
 """
 
 from __future__ import annotations
@@ -49,10 +51,13 @@ from engramlm.train import TrainConfig, _bind_vocab, build_optimizers  # noqa: E
 class Trainee:
     """A model, its optimisers and one timed training step (the loop body of ``train``)."""
 
-    def __init__(self, config: ModelConfig, vocab: CompressedVocab, cfg: TrainConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, vocab: CompressedVocab, cfg: TrainConfig, compile: bool = False
+    ) -> None:
         torch.manual_seed(cfg.seed)
         self.model = EngramLM(config, vocab if config.engram else None)
         self.model.train()
+        self.forward = torch.compile(self.model) if compile else self.model
         self.optimizers = build_optimizers(self.model, cfg)
         self.dense = [p for p in self.model.dense_parameters() if p.requires_grad]
         self.cfg = cfg
@@ -63,7 +68,7 @@ class Trainee:
         t0 = time.perf_counter()
         hash_ids = self.model.compute_hash_ids(batch.input_ids) if self.model.hasher else None
         t1 = time.perf_counter()
-        loss = self.model(batch.input_ids, hash_ids=hash_ids, targets=batch.targets).loss
+        loss = self.forward(batch.input_ids, hash_ids=hash_ids, targets=batch.targets).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.dense, self.cfg.grad_clip, foreach=False)
         self.optimizers["dense"].step()
@@ -124,6 +129,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--baseline", choices=["backbone", "demo-moe"], default="backbone")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,22 +172,23 @@ def main() -> None:
     backbone, with_engram = _bind_vocab(backbone, corpus), _bind_vocab(with_engram, corpus)
     engram_cfg = with_engram.engram
     models = {
-        "backbone": Trainee(backbone, corpus.compressed_vocab, cfg),
-        "engram": Trainee(with_engram, corpus.compressed_vocab, cfg),
+        "backbone": Trainee(backbone, corpus.compressed_vocab, cfg, args.compile),
+        "engram": Trainee(with_engram, corpus.compressed_vocab, cfg, args.compile),
     }
     batches = TrainBatches(corpus.train, args.batch, args.seq, seed=0)
     step_times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(args.steps + 1):  # the first step of each is a warm-up
+    warmup = 3 if args.compile else 1  # compiled: recompiles as shapes become dynamic
+    for i in range(args.steps + warmup):  # the first steps of each are a warm-up
         batch = next(batches)
         for name, trainee in models.items():
             seconds = trainee.step(batch)
-            if i:
+            if i >= warmup:
                 step_times[name].append(seconds)
     load = os.getloadavg()[0]
     step = {name: statistics.median(t) for name, t in step_times.items()}
     engram = models["engram"]
-    hashing = statistics.median(engram.parts["hashing"][1:])
-    table_opt = statistics.median(engram.parts["table optimiser"][1:])
+    hashing = statistics.median(engram.parts["hashing"][warmup:])
+    table_opt = statistics.median(engram.parts["table optimiser"][warmup:])
     iso = interleaved(engram_layer_timers(engram.model, batch), repeats=max(3, args.steps // 2))
     tokens = args.batch * args.seq
 
