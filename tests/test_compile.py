@@ -66,9 +66,14 @@ def build(plan: TablePlan | None = None) -> EngramLM:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_training_step_has_eager_loss_and_gradients(backend: str) -> None:
+@pytest.mark.parametrize("sparse", [False, True])
+def test_compiled_training_step_has_eager_loss_and_gradients(backend: str, sparse: bool) -> None:
+    """Also with the sparse table gradients training uses (SparseAdam), which inductor cannot
+    compile: the lookup runs eagerly between compiled graphs (``DeviceTable``)."""
     eager = build().train()
     compiled_model = build().train()
+    for table in (*eager.engram_tables(), *compiled_model.engram_tables()):
+        table.sparse_grad = sparse
     compiled = torch.compile(compiled_model, backend=backend)
     ids = torch.randint(0, CONFIG.vocab_size, (2, 12))
     targets = ids.roll(-1, dims=1)
@@ -80,8 +85,12 @@ def test_compiled_training_step_has_eager_loss_and_gradients(backend: str) -> No
     grads = dict(compiled_model.named_parameters())
     for name, p in eager.named_parameters():
         assert p.grad is not None, name
-        scale = p.grad.abs().max().item()  # sums in another order: tolerance relative to it
-        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-3, atol=1e-5 * scale + 1e-8)
+        got, expected = grads[name].grad, p.grad
+        assert got.is_sparse == expected.is_sparse == (sparse and "table" in name), name
+        if expected.is_sparse:
+            got, expected = got.to_dense(), expected.to_dense()
+        scale = expected.abs().max().item()  # sums in another order: tolerance relative to it
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5 * scale + 1e-8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -32,7 +32,9 @@ class DeviceTable(nn.Module):
         nn.init.normal_(self.weight, std=TABLE_INIT_STD)
 
     def lookup(self, rows: Tensor) -> Tensor:  # [*] -> [*, dim]
-        return F.embedding(rows, self.weight, sparse=self.sparse_grad)
+        if self.sparse_grad:
+            return _sparse_lookup(rows, self.weight)
+        return F.embedding(rows, self.weight)
 
     def prefetch(self, rows: Tensor) -> None:
         """Rows are already resident: nothing to do."""
@@ -42,3 +44,11 @@ class DeviceTable(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_rows={self.num_rows}, dim={self.dim}, sparse_grad={self.sparse_grad}"
+
+
+@torch.compiler.disable
+def _sparse_lookup(rows: Tensor, weight: Tensor) -> Tensor:
+    """F.embedding with a sparse gradient, always eager: inductor cannot compile a backward that
+    produces a sparse tensor ("Cannot access storage of SparseTensorImpl"), so under
+    ``torch.compile`` the graph breaks around the lookup and the rest still compiles."""
+    return F.embedding(rows, weight, sparse=True)
