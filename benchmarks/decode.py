@@ -3,15 +3,20 @@
 Three models with the same backbone and weights (4 layers, D=256 by default): no Engram;
 Engram at layer 1 with the table in memory; the same table on the disk tier (DiskStore with a
 hot-row cache, rows prefetched before layer 0). Each decodes the same prompts greedily with the
-KV cache; the three runs are interleaved, and tokens/s are medians over repeats.
+KV cache; the runs are interleaved, and tokens/s are medians over repeats. ``--compile`` adds
+``torch.compile(model, dynamic=True)`` of the backbone and of the in-memory Engram model
+(compiled before timing; the ratio that matters there is compiled Engram / compiled backbone);
+``--no-disk`` leaves the disk tier out.
 
-    .venv/bin/python benchmarks/decode.py [--batch 1] [--new 64] [--table-size 200000]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decode.py [--batch 1] [--layers 4]
+        [--hidden 256] [--new 64] [--table-size 200000] [--compile] [--no-disk]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +42,8 @@ def main() -> None:
     p.add_argument("--table-size", type=int, default=200_000, help="rows per head, pre-prime")
     p.add_argument("--cache-mb", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--no-disk", action="store_true", help="leave the disk tier out")
     args = p.parse_args()
 
     D = args.hidden
@@ -54,6 +61,7 @@ def main() -> None:
         embed_dim_per_ngram=128,
         layer_ids=(1,),
         hc_mult=1,
+        pad_id=0,
     )
     with_engram = dataclasses.replace(backbone, engram=engram_cfg)
     torch.manual_seed(0)
@@ -74,18 +82,22 @@ def main() -> None:
         def decode(model: EngramLM) -> torch.Tensor:
             return torch.stack(list(generate_tokens(model, prompt, args.new, temperature=0)), 1)
 
-        out_mem, out_disk = decode(mem), decode(disk)
-        assert torch.equal(out_mem, out_disk), "disk-tier decoding differs from in-memory"
-        t = interleaved(
-            {
-                "backbone": lambda: decode(base),
-                "engram (memory)": lambda: decode(mem),
-                "engram (disk)": lambda: decode(disk),
-            },
-            repeats=args.repeats,
-        )
+        out_mem = decode(mem)
+        variants = {"backbone": lambda: decode(base), "engram (memory)": lambda: decode(mem)}
+        if not args.no_disk:
+            assert torch.equal(out_mem, decode(disk)), "disk-tier decoding differs from in-memory"
+            variants["engram (disk)"] = lambda: decode(disk)
+        if args.compile:
+            base_c = torch.compile(base, dynamic=True)
+            mem_c = torch.compile(mem, dynamic=True)
+            decode(base_c)  # compiles: not timed
+            assert torch.equal(decode(mem_c), out_mem), "compiled decoding differs from eager"
+            variants["backbone (compiled)"] = lambda: decode(base_c)
+            variants["engram (compiled)"] = lambda: decode(mem_c)
+        load = os.getloadavg()[0]
+        t = interleaved(variants, repeats=args.repeats)
         rows = sum(t_.num_rows for t_ in mem.engram_tables())
-        print(f"machine: {machine()}")
+        print(f"machine: {machine()}; load average {load:.1f} at start")
         print(
             f"greedy decode, B={args.batch}, prompt {args.prompt} + {args.new} new tokens, "
             f"D={D}, {args.layers} layers; Engram layer 1, {rows:,} rows "
@@ -93,8 +105,9 @@ def main() -> None:
         )
         tokens = args.batch * args.new
         for name, sec in t.items():
-            ratio = t["backbone"] / sec
-            print(f"  {name:16s} {tokens / sec:8.1f} tok/s   {ratio:5.3f}x backbone")
+            reference = t["backbone (compiled)" if "compiled" in name else "backbone"]
+            print(f"  {name:20s} {tokens / sec:8.1f} tok/s   {reference / sec:5.3f}x backbone")
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,21 @@ step's own inputs (captured with a forward pre-hook), fwd+bwd in isolation, inte
 ``engramlm.train`` hashes in the loader's background thread, so the ratio is also given with
 hashing taken off the step.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--threads N]
+``--baseline demo-moe`` races the two models of ``make demo`` instead (``engramlm.compare``:
+the iso-parameter MoE and its Engram reallocation at rho = 0.75, the demo's batch and
+sequence length), the ratio of issue 16's goal 5.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--threads N]
+        [--baseline backbone|demo-moe] [--compile]
+
+``--compile`` trains both through ``torch.compile(model)`` (the untimed warm-up steps compile).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -37,16 +45,19 @@ from engramlm.data import Batch, TrainBatches, prepare_corpus  # noqa: E402
 from engramlm.engram import Engram  # noqa: E402
 from engramlm.model import EngramLM  # noqa: E402
 from engramlm.tokenization import CompressedVocab  # noqa: E402
-from engramlm.train import TrainConfig, build_optimizers  # noqa: E402
+from engramlm.train import TrainConfig, _bind_vocab, build_optimizers  # noqa: E402
 
 
 class Trainee:
     """A model, its optimisers and one timed training step (the loop body of ``train``)."""
 
-    def __init__(self, config: ModelConfig, vocab: CompressedVocab, cfg: TrainConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, vocab: CompressedVocab, cfg: TrainConfig, compile: bool = False
+    ) -> None:
         torch.manual_seed(cfg.seed)
         self.model = EngramLM(config, vocab if config.engram else None)
         self.model.train()
+        self.forward = torch.compile(self.model) if compile else self.model
         self.optimizers = build_optimizers(self.model, cfg)
         self.dense = [p for p in self.model.dense_parameters() if p.requires_grad]
         self.cfg = cfg
@@ -57,7 +68,7 @@ class Trainee:
         t0 = time.perf_counter()
         hash_ids = self.model.compute_hash_ids(batch.input_ids) if self.model.hasher else None
         t1 = time.perf_counter()
-        loss = self.model(batch.input_ids, hash_ids=hash_ids, targets=batch.targets).loss
+        loss = self.forward(batch.input_ids, hash_ids=hash_ids, targets=batch.targets).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.dense, self.cfg.grad_clip, foreach=False)
         self.optimizers["dense"].step()
@@ -117,6 +128,8 @@ def main() -> None:
     p.add_argument("--table-size", type=int, default=50_000, help="rows per head, pre-prime")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--baseline", choices=["backbone", "demo-moe"], default="backbone")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,30 +151,50 @@ def main() -> None:
         layer_ids=(args.engram_layer,),
         hc_mult=1,
     )
-    with_engram = dataclasses.replace(
-        backbone, engram=engram_cfg, compressed_vocab_size=corpus.compressed_vocab.num_compressed
-    )
     cfg = TrainConfig(seq_len=args.seq, batch_size=args.batch)
+    if args.baseline == "demo-moe":
+        from engramlm.compare import (
+            DEFAULT_ENGRAM,
+            DEFAULT_MOE,
+            DEFAULT_RHO,
+            DEFAULT_TRAIN,
+            build_models,
+        )
+
+        demo = build_models(DEFAULT_MOE, DEFAULT_ENGRAM, DEFAULT_RHO, corpus.vocab_size)
+        backbone, with_engram = demo["MoE (rho=1)"], demo[f"Engram (rho={DEFAULT_RHO:g})"]
+        cfg = dataclasses.replace(DEFAULT_TRAIN, steps=args.steps)
+        args.seq, args.batch, args.layers = cfg.seq_len, cfg.batch_size, backbone.num_layers
+        args.engram_layer, D = with_engram.engram.layer_ids[0], backbone.hidden_size
+    else:
+        with_engram = dataclasses.replace(backbone, engram=engram_cfg)
+    # Bound to the corpus's tokenizer as engramlm.train does it (pad id, compressed vocabulary).
+    backbone, with_engram = _bind_vocab(backbone, corpus), _bind_vocab(with_engram, corpus)
+    engram_cfg = with_engram.engram
     models = {
-        "backbone": Trainee(backbone, corpus.compressed_vocab, cfg),
-        "engram": Trainee(with_engram, corpus.compressed_vocab, cfg),
+        "backbone": Trainee(backbone, corpus.compressed_vocab, cfg, args.compile),
+        "engram": Trainee(with_engram, corpus.compressed_vocab, cfg, args.compile),
     }
     batches = TrainBatches(corpus.train, args.batch, args.seq, seed=0)
     step_times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(args.steps + 1):  # the first step of each is a warm-up
+    warmup = 3 if args.compile else 1  # compiled: recompiles as shapes become dynamic
+    for i in range(args.steps + warmup):  # the first steps of each are a warm-up
         batch = next(batches)
         for name, trainee in models.items():
             seconds = trainee.step(batch)
-            if i:
+            if i >= warmup:
                 step_times[name].append(seconds)
+    load = os.getloadavg()[0]
     step = {name: statistics.median(t) for name, t in step_times.items()}
     engram = models["engram"]
-    hashing = statistics.median(engram.parts["hashing"][1:])
-    table_opt = statistics.median(engram.parts["table optimiser"][1:])
+    hashing = statistics.median(engram.parts["hashing"][warmup:])
+    table_opt = statistics.median(engram.parts["table optimiser"][warmup:])
     iso = interleaved(engram_layer_timers(engram.model, batch), repeats=max(3, args.steps // 2))
     tokens = args.batch * args.seq
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; load average {load:.1f} during the steps")
+    if args.baseline == "demo-moe":
+        print("make demo's models: 'backbone' is the iso-parameter MoE (rho=1)")
     table_params = sum(p.numel() for p in engram.model.engram_table_parameters())
     print(
         f"train step B={args.batch} T={args.seq} D={D} layers={args.layers} V={corpus.vocab_size}, "

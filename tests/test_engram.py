@@ -238,6 +238,27 @@ def test_bf16_output_close_to_fp32(tiny_engram: EngramConfig) -> None:
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gates_equal_the_norms_written_out(tiny_engram: EngramConfig, autocast: bool) -> None:
+    """The gate folds both RMSNorms into its dot product; it equals normalising h and k with
+    the norm modules and calling ``context_gate``, for keys small enough that the norms' eps
+    matters, and under bf16 autocast (bf16 keys, fp32 residual stream; the default eps is
+    fp32's there too)."""
+    engram, hasher = make(dataclasses.replace(tiny_engram, hc_mult=2))
+    randomise_norms(engram)
+    with torch.no_grad():
+        engram.table.weight.mul_(0.05)  # keys' mean square ~1e-6: a bf16 eps would show
+    hidden = torch.randn(2, 9, 2, 32)
+    hash_ids = hasher(torch.randint(0, V, (2, 9)), 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        kv = engram.kv_proj(engram.retrieve(hash_ids))
+        keys = kv[..., : engram.value_rows.start].unflatten(-1, (2, 32))
+        expected = context_gate(engram.query_norm(hidden), engram.key_norm(keys)).to(kv.dtype)
+        got = engram.gates(hidden, hash_ids)
+    assert got.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(got, expected.squeeze(-1))
+
+
 def test_hidden_with_wrong_branch_count_is_refused(tiny_engram: EngramConfig) -> None:
     engram, hasher = make(tiny_engram)
     with pytest.raises(ValueError, match="hc_mult=1"):

@@ -86,20 +86,22 @@ class ShortConv(nn.Module):
     def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """[B, T, M, D] (+ state [B, M*D, P]) -> ([B, T, M, D], new state [B, M*D, P])."""
         B, T, M, D = u.shape
-        x = self.norm(u).flatten(-2).transpose(1, 2)  # [B, M*D, T]
         P = self.receptive_field
+        x = self.norm(u).flatten(-2)  # [B, T, M*D]
         if state is None:
-            state = x.new_zeros(B, M * D, P)  # causal left padding
-        x = torch.cat([state, x], dim=-1)  # [B, M*D, P+T]
-        # Depthwise dilated conv as a sum over the w taps: y[t] = sum_i W[:, i] * x[t + i*delta].
-        # Same result as F.conv1d(groups=M*D), but a few fused elementwise ops instead of a
-        # oneDNN call that costs ~0.2 ms even for a single decoding position.
-        w = self.weight.to(x.dtype)  # [M*D, 1, w]
-        y = x.new_zeros(B, M * D, T)
-        for i in range(self.kernel_size):
-            y = y + w[:, :, i] * x[:, :, i * self.dilation : i * self.dilation + T]
-        y = F.silu(y).transpose(1, 2).reshape(B, T, M, D)
-        return y, x[:, :, x.shape[-1] - P :]
+            x = F.pad(x, (0, 0, P, 0))  # causal left padding, [B, P+T, M*D]
+        else:
+            x = torch.cat([state.transpose(1, 2), x], dim=1)  # [B, P+T, M*D]
+        # Depthwise dilated conv as a sum over the w taps, y[t] = sum_i W[:, i] * x[t + i*delta],
+        # in the [B, T, C] layout: same result as F.conv1d(groups=M*D) on [B, C, T], without
+        # the two transposing copies, and a few fused elementwise ops instead of a oneDNN call
+        # that costs ~0.2 ms even for a single decoding position.
+        w = self.weight.to(x.dtype).squeeze(1).t()  # [w, M*D]
+        y = x[:, :T] * w[0]
+        for i in range(1, self.kernel_size):
+            y = torch.addcmul(y, x[:, i * self.dilation : i * self.dilation + T], w[i])
+        new_state = x[:, x.shape[1] - P :].transpose(1, 2).contiguous()  # [B, M*D, P]
+        return F.silu(y).view(B, T, M, D), new_state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         _stack_legacy(state_dict, prefix, "norms.{}.weight", "norm.weight", self.hc_mult)
@@ -122,9 +124,24 @@ def context_gate(query: Tensor, key: Tensor, signed_sqrt: bool = True) -> Tensor
     out of saturation); ``signed_sqrt=False`` gives the paper's plain form.
     """
     s = (query * key).sum(dim=-1, keepdim=True) / math.sqrt(query.shape[-1])
+    return gate_activation(s, signed_sqrt)
+
+
+def gate_activation(s: Tensor, signed_sqrt: bool = True) -> Tensor:
+    """sigmoid(ssqrt(s)), or sigmoid(s) without ``signed_sqrt``, of the scaled score s."""
     if signed_sqrt:
         s = s.sign() * s.abs().clamp_min(1e-6).sqrt()
     return torch.sigmoid(s)
+
+
+def inverse_rms(x: Tensor, eps: float | None) -> Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim, [..., D] -> [..., 1], the scale RMSNorm
+    applies (``eps=None``: torch's default, the eps of fp32 for bf16 and fp16), in fp32. One fused
+    reduction (``vector_norm``) instead of the norm's full-width passes."""
+    if eps is None:  # what F.rms_norm takes: the eps of the type it accumulates in
+        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.rsqrt(norm.square() / x.shape[-1] + eps)  # fp32, as RMSNorm accumulates
 
 
 def head_offsets(moduli: Sequence[int]) -> Tensor:
@@ -244,17 +261,26 @@ class Engram(nn.Module):
     def _gates(self, hidden: Tensor, kv: Tensor) -> Tensor:
         """([B, T, M, D], kv [B, T, (M+1)D]) -> [B, T, M, 1], per-branch gates (SPEC §2.5, §2.8).
 
+        The two RMSNorms are folded into the dot product: RMSNorm(h) w_q . RMSNorm(k) w_k =
+        (h . (w_q w_k k)) / (rms(h) rms(k)), the same value as ``context_gate`` on the
+        normalised tensors without writing them out (two scalars per branch instead of two
+        full-width tensors; ``test_engram_matches_reference`` holds it to the spec's form).
         With ``gate_fp32`` the norms, dot product and sigmoid run in fp32 and the gate stays fp32
         (DeepSeek-V4.1 multiplies it with the value in fp32)."""
         assert self.key_norm is not None and self.query_norm is not None
         keys = kv[..., : self.value_rows.start].unflatten(-1, (self.num_keys, self.hidden_size))
         if self.config.gate_fp32:
             hidden, keys = hidden.float(), keys.float()
-        alpha = context_gate(
-            self.query_norm(hidden),
-            self.key_norm(keys),
-            signed_sqrt=self.config.gate == "signed_sqrt",
-        )  # [B, T, M, 1]
+        # The norms' dtypes promote as the product of the normalised tensors would: under
+        # autocast vecdot would round an fp32 residual stream to bf16, which mul and sum don't.
+        dtype = torch.promote_types(hidden.dtype, keys.dtype)
+        weight = self.query_norm.weight * self.key_norm.weight  # [M, D]
+        with torch.autocast(hidden.device.type, enabled=False):
+            dot = torch.linalg.vecdot(hidden.to(dtype), (keys * weight.to(keys.dtype)).to(dtype))
+        dot = dot.unsqueeze(-1).float()  # [B, T, M, 1]
+        scale = inverse_rms(hidden, self.query_norm.eps) * inverse_rms(keys, self.key_norm.eps)
+        s = dot * scale / math.sqrt(self.hidden_size)
+        alpha = gate_activation(s, signed_sqrt=self.config.gate == "signed_sqrt")
         return alpha if self.config.gate_fp32 else alpha.to(kv.dtype)
 
     def gated_value(self, hidden: Tensor, hash_ids: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -262,7 +288,7 @@ class Engram(nn.Module):
 
         In the model dtype, or in fp32 with ``gate_fp32``: DeepSeek-V4.1 adds gate * value to
         the streams in fp32 and rounds once (its spec §5 step 5), which ``deepseek_v41`` does
-        with this. ``mask`` as in :meth:`forward`.
+        with this. ``mask`` as in :meth:`forward` (it zeroes the gate of masked positions).
         """
         B, T, M, D = hidden.shape
         if M != self.config.num_branches or D != self.hidden_size:
@@ -274,10 +300,10 @@ class Engram(nn.Module):
         e = self.retrieve(hash_ids).to(hidden.dtype)  # [B, T, E]
         kv = self.kv_proj(e)  # [B, T, (M+1)D]: M keys, then the shared value
         v = kv[..., self.value_rows].unsqueeze(2)  # [B, T, 1, D]
-        u = v.expand(B, T, M, D) if self.num_keys == 0 else self._gates(hidden, kv) * v
+        alpha = v.new_ones(B, T, M, 1) if self.num_keys == 0 else self._gates(hidden, kv)
         if mask is not None:
-            u = u * mask[:, :, None, None].to(u.dtype)  # [B, T, M, D]
-        return u
+            alpha = alpha * mask[:, :, None, None].to(alpha.dtype)  # [B, T, M, 1]
+        return alpha * v  # [B, T, M, D]
 
     def forward(
         self,

@@ -56,7 +56,9 @@ class DeviceTable(nn.Module):
     def lookup(self, rows: Tensor) -> Tensor:  # [*] -> [*, dim]
         if self.dtype == fp8.FP8:
             return fp8.dequantize_rows(self.packed[rows], self.dim)
-        return F.embedding(rows, self.weight, sparse=self.sparse_grad)
+        if self.sparse_grad:
+            return _sparse_lookup(rows, self.weight)
+        return F.embedding(rows, self.weight)
 
     def prefetch(self, rows: Tensor) -> None:
         """Rows are already resident: nothing to do."""
@@ -69,3 +71,11 @@ class DeviceTable(nn.Module):
             f"num_rows={self.num_rows}, dim={self.dim}, dtype={self.dtype}, "
             f"sparse_grad={self.sparse_grad}"
         )
+
+
+@torch.compiler.disable
+def _sparse_lookup(rows: Tensor, weight: Tensor) -> Tensor:
+    """F.embedding with a sparse gradient, always eager: inductor cannot compile a backward that
+    produces a sparse tensor ("Cannot access storage of SparseTensorImpl"), so under
+    ``torch.compile`` the graph breaks around the lookup and the rest still compiles."""
+    return F.embedding(rows, weight, sparse=True)
