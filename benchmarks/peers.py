@@ -32,10 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved, machine  # noqa: E402
 
-from engramlm.config import EngramConfig  # noqa: E402
+from engramlm import qwen4_exp  # noqa: E402
 from engramlm.engram import Engram  # noqa: E402
 from engramlm.hashing import NgramHasher  # noqa: E402
-from engramlm.tables import DeviceTable  # noqa: E402
 
 
 def peer_layer(args: argparse.Namespace):  # -> Qwen4ExpTextPLELayer
@@ -67,45 +66,11 @@ def peer_layer(args: argparse.Namespace):  # -> Qwen4ExpTextPLELayer
 
 
 def engram_from_peer(peer, config) -> tuple[Engram, NgramHasher]:  # noqa: ANN001
-    """Our Engram layer and hasher holding the PLE layer's weights. Mirrors the Qwen4-Exp
-    loader (issue #14): keys and value stacked into ``kv_proj``, norm weights 1 + w (their
-    RMSNorm scales by 1 + w), the conv kernel and the n-gram table copied as they are."""
-    N = config.ngram_size
-    eos = config.eos_token_id
-    cfg = EngramConfig(
-        table_sizes=(config.ngram_vocab_size_base,) * (N - 1),
-        max_ngram=N,
-        heads_per_ngram=config.heads_per_ngram,
-        embed_dim_per_ngram=config.ple_embed_dim // (N - 1),
-        layer_ids=(0,),
-        seed=config.seed,
-        pad_id=eos,
-        reset_token=eos,
-        hc_mult=config.hc_count,
-        kernel_size=config.ple_conv_kernel_size,
-        bias=False,
-        norm_eps=config.rms_norm_eps,
-        conv_norm_eps=config.rms_norm_eps,
-        multiplier_scheme="splitmix64",
-        hash_layer_key="layer_index",
-        compress_tokens=False,
-        table_rows_multiple=config.make_ngram_vocab_size_divisible_by,
-    )
-    hasher = NgramHasher.from_config(
-        cfg, pad_id=eos, compressed_vocab_size=config.vocab_size, reset_id=eos
-    )
-    table_weight = peer.ple_embedding.ngram_embedding.weight
-    table = DeviceTable(*table_weight.shape)
-    engram = Engram(cfg, config.hidden_size, hasher.moduli[0], table)
-    M, D = config.hc_count, config.hidden_size
-    with torch.no_grad():
-        table.weight.copy_(table_weight)
-        engram.kv_proj.weight.copy_(torch.cat([peer.key_proj.weight, peer.value_proj.weight]))
-        engram.key_norm.weight.copy_(1 + peer.norm_key.weight.view(M, D))
-        engram.query_norm.weight.copy_(1 + peer.norm_query.weight.view(M, D))
-        engram.short_conv.norm.weight.copy_(1 + peer.norm_conv.weight.view(M, D))
-        engram.short_conv.weight.copy_(peer.conv1d.weight)
-    return engram, hasher
+    """Our Engram layer and hasher holding the PLE layer's weights, through the Qwen4-Exp loader
+    (``engramlm.qwen4_exp``: keys and value stacked into ``kv_proj``, norm weights 1 + w, the
+    conv kernel and the n-gram table copied as they are)."""
+    ple = qwen4_exp.from_transformers_layer(peer, config)
+    return ple.engram, ple.hasher
 
 
 def assert_grads_close(mine: torch.Tensor, theirs: torch.Tensor) -> None:
