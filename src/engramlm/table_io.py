@@ -274,7 +274,8 @@ def checkpoint_tensors(model_dir: str | os.PathLike[str]) -> dict[str, tuple[Pat
 def source_dtype(source: TableSource) -> str:
     """The safetensors dtype of a table's parts, after checking every part's shard (present,
     complete) and that their shapes add up to [num_rows, dim]; errors name the problem."""
-    shards = {path: {t.name: t for t in _shard_tensors(path)} for path, _ in source.parts}
+    paths = {path for path, _ in source.parts}  # a shard holds many parts: read each header once
+    shards = {path: {t.name: t for t in _shard_tensors(path)} for path in paths}
     missing = [f"{path.name}:{key}" for path, key in source.parts if key not in shards[path]]
     if missing:
         raise ValueError(
