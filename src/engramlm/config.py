@@ -18,17 +18,17 @@ HashLayerKey = Literal["layer_id", "layer_index"]
 _ABLATION_SWITCHES = ("multi_branch", "compress_tokens", "short_conv")
 # Fields added after configs were first saved: left out of ``to_dict`` at their defaults, so
 # older configs (and the run digests and resume checks built on them) read and compare unchanged.
-_NEWER_FIELDS: dict[str, Any] = {
-    **{name: True for name in _ABLATION_SWITCHES},
-    "bias": True,
-    "norm_eps": None,
-    "conv_norm_eps": 1e-5,
-    "gate_fp32": False,
-    "multiplier_scheme": "numpy",
-    "hash_layer_key": "layer_id",
-    "reset_token": None,
-    "table_rows_multiple": 1,
-}
+_NEWER_FIELDS = (
+    *_ABLATION_SWITCHES,
+    "bias",
+    "norm_eps",
+    "conv_norm_eps",
+    "gate_fp32",
+    "multiplier_scheme",
+    "hash_layer_key",
+    "reset_token",
+    "table_rows_multiple",
+)
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
@@ -255,8 +255,9 @@ class EngramConfig:
         d = dataclasses.asdict(self)
         d["table_sizes"] = list(self.table_sizes)
         d["layer_ids"] = list(self.layer_ids)
-        for name, default in _NEWER_FIELDS.items():  # older configs stay equal
-            if d[name] == default:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in _NEWER_FIELDS:  # left out at their defaults: older configs stay equal
+            if d[name] == defaults[name]:
                 del d[name]
         return d
 
