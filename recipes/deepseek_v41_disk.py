@@ -149,15 +149,16 @@ def zipf_ids(rng: np.random.Generator, shape: tuple[int, ...]) -> torch.Tensor:
 
 def run_tokens(
     modules: dict[int, DeepSeekV41Engram], chunk: torch.Tensor, hidden: int, g: torch.Generator
-) -> None:
+) -> torch.Tensor:
     """One forward of [B, T] compressed ids through every Engram layer in order (each one's
     output streams are the next one's input), all layers' rows prefetched first, as a model
-    does before its first layer."""
+    does before its first layer; -> the last layer's output streams."""
     for module in modules.values():
         module.prefetch(chunk)
     h = torch.randn(chunk.shape[0], chunk.shape[1], 4, hidden, generator=g).to(torch.bfloat16)
     for module in modules.values():
         h = module(h, chunk)
+    return h
 
 
 def decode(
