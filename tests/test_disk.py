@@ -407,6 +407,59 @@ def test_warm_hints_each_run_of_adjacent_pages_once(
     ]
 
 
+@needs_fadvise
+def test_missed_rows_are_advised_before_they_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read's misses hint every page they touch (rows straddling two pages hint both), then
+    return the stored values; cached rows are neither hinted nor read from the file."""
+    with DiskStore.create(tmp_path / "t", 2000, 24, cache_bytes=1 << 20) as store:  # 96 B rows
+        values = torch.randn(2000, 24)
+        store.write_range(0, values)
+        store.read(torch.tensor([7]))  # now cached
+        advised: list[tuple[int, int]] = []
+        real = os.posix_fadvise
+
+        def record(fd: int, off: int, n: int, advice: int) -> None:
+            assert advice == os.POSIX_FADV_WILLNEED
+            advised.append((off, n))
+            real(fd, off, n, advice)
+
+        monkeypatch.setattr(os, "posix_fadvise", record)
+        rows = torch.tensor([1999, 7, disk._PAGE // 96, 1000, 7])
+        assert torch.equal(store.read(rows), values[rows])
+        hinted = {off // disk._PAGE + i for off, n in advised for i in range(n // disk._PAGE)}
+        want = set()
+        for r in (1999, disk._PAGE // 96, 1000):  # not row 7: a cache hit
+            start = disk.DATA_OFFSET + r * 96
+            want |= {start // disk._PAGE, (start + 95) // disk._PAGE}
+        assert hinted == want
+        assert len(want) == 4  # row PAGE // 96 straddles two pages
+
+
+def test_served_prefetch_of_cached_rows_gathers_at_once(tmp_path: Path) -> None:
+    """Served on CPU, a prefetch whose rows are all in the row cache is gathered on the caller's
+    thread (no thread handoff); one with a missed row goes to the prefetch thread. Both return
+    the stored rows and count as prefetch hits; training always uses the thread."""
+    table = disk_table(tmp_path / "table", 1000, DIM, cache_bytes=1 << 20, init=False)
+    weights = torch.randn(1000, DIM)
+    table.write_range(0, weights)  # the bulk path: written to the file, nothing cached
+    table.eval()
+    ids = torch.tensor([[3, 9], [9, 400]])
+    assert torch.equal(table.lookup(ids), weights[ids])  # not prefetched: now cached
+    assert table.prefetch_misses == 1
+    table.prefetch(ids)
+    assert table._pool is None  # gathered at once
+    assert torch.equal(table.lookup(ids), weights[ids])
+    table.prefetch(torch.tensor([3, 401]))  # 401 is not cached
+    assert table._pool is not None
+    assert torch.equal(table.lookup(torch.tensor([3, 401])), weights[[3, 401]])
+    assert (table.prefetch_hits, table.prefetch_misses) == (2, 1)
+    assert table.weight_store.cached(torch.tensor([3, 9, 400, 401]))
+    assert not table.weight_store.cached(torch.tensor([3, 402]))
+    table.close()
+
+
 def test_warm_refuses_rows_out_of_range_naming_the_range(tmp_path: Path) -> None:
     with DiskStore.create(tmp_path / "t", 100, DIM) as store:
         with pytest.raises(IndexError, match=r"out of range \[0, 100\): got \[-1, 100\]"):

@@ -755,6 +755,13 @@ class DiskStore:
         with self._lock:
             self._stats["pages_warmed"] += pages
 
+    def cached(self, rows: Tensor) -> bool:
+        """Whether every one of the [n] ids is in the row cache (a read would touch no file)."""
+        r = self._check_rows(rows)
+        with self._lock:
+            self._check_open()
+            return bool((self._find(r) >= 0).all())
+
     def _advise_willneed(self, rows: np.ndarray) -> int:
         """``posix_fadvise(POSIX_FADV_WILLNEED)`` the file pages of [n] distinct ``rows``, one
         call per run of adjacent pages: the kernel queues every read at once and returns (it

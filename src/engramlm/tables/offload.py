@@ -315,10 +315,14 @@ class OffloadedTable(nn.Module):
     # --- the Table interface -----------------------------------------------------------------
     def prefetch(self, rows: Tensor) -> None:
         flat, target = self._flat(rows), self._target(rows)
-        stream = self._copy_stream(target) if target.type == "cuda" else None
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engramlm-table")
-        future = self._pool.submit(self._fetch, flat, target, stream)
+        if self._all_cached(flat, target):  # a gather of cached rows costs less than a handoff
+            future: Future[tuple[Tensor, Any]] = Future()
+            future.set_result((self._gather(flat, pin=False), None))
+        else:
+            stream = self._copy_stream(target) if target.type == "cuda" else None
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engramlm-table")
+            future = self._pool.submit(self._fetch, flat, target, stream)
         with self._lock:
             self._prefetched.append(_Prefetch(flat, target, future))
             del self._prefetched[: -self.max_prefetches]
@@ -361,6 +365,16 @@ class OffloadedTable(nn.Module):
                 f"[{int(flat.min())}, {int(flat.max())}]"
             )
         return flat
+
+    def _all_cached(self, flat: Tensor, target: torch.device) -> bool:
+        """Whether a served CPU lookup of [n] ``flat`` rows would hit the file store's row cache
+        for every row: :meth:`prefetch` then gathers at once instead of on its thread. Handing
+        a few cached rows to the thread and back cost more than the gather (the two threads
+        contend for the GIL): greedy decoding at B=1 with the table on disk (cached) ran at
+        0.74-0.80x the in-memory model's tokens/s through the thread, 0.84-0.85x so
+        (``benchmarks/decode.py``, 1 thread, 2026-12-01)."""
+        cached = getattr(self.weight_store, "cached", None)
+        return not self.training and target.type == "cpu" and cached is not None and cached(flat)
 
     def _target(self, rows: Tensor) -> torch.device:
         return self.device if self.device is not None else rows.device
