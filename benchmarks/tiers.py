@@ -12,12 +12,15 @@ by side in one run (calls interleaved, so machine noise hits every side alike):
   through disk tables with hot-row caches of several budgets: lookup throughput, hit rates,
   TinyLFU against an LRU simulation on the same stream, and a plot (docs/img).
 - ``gather``: random-row ``index_select`` against a contiguous copy of the same bytes.
+- ``reads``: how a disk store reads n cold rows (page cache dropped before each read): its own
+  path (pages advised ``WILLNEED``, then one gather), the reader pool it used before, and page
+  faults one after another.
 - ``prefetch``: (CUDA only) host-pinned table with prefetch against the on-device table.
 - ``inference``: the paper's Engram-27B table size (2 layers x 16 heads x 2,262,400 rows x 80
   dims) in files on disk under a small backbone: forward tokens/s against the same backbone
   without Engram, with the process's RSS and major page faults.
 
-    .venv/bin/python benchmarks/tiers.py steps|cache|gather|prefetch|inference [--help]
+    .venv/bin/python benchmarks/tiers.py steps|cache|gather|reads|prefetch|inference [--help]
 
 Large files go under ``--dir`` (default /tmp/engramlm-tiers) and are deleted at the end.
 
@@ -528,6 +531,52 @@ def cmd_gather(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_reads(args: argparse.Namespace) -> None:
+    print(f"machine: {machine()}")
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    num_rows = int(args.table_gb * GB) // (args.dim * 4)
+    store, _ = filled_store(root / "reads.engt", num_rows, args.dim, cache_bytes=0)
+    pool_min = 8  # rows per reader of the pool path (the fp8 serving setting it had)
+    readers = ThreadPoolExecutor(max_workers=64)  # started once, as the store's pool was
+
+    def pool(rows: np.ndarray) -> None:
+        bounds = np.linspace(0, len(rows), min(64, max(1, len(rows) // pool_min)) + 1)
+        spans = zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True)
+        list(readers.map(lambda span: store._mm[rows[span[0] : span[1]]], spans))
+
+    def advised(rows: np.ndarray) -> None:
+        store._advise_willneed(rows)
+        store._mm[rows]
+
+    ways: dict[str, Callable[[np.ndarray], object]] = {
+        "advised + one gather (DiskStore's)": advised,
+        "reader pool (before)": pool,
+        "page faults in turn": lambda rows: store._mm[rows],
+    }
+    print(
+        f"{args.table_gb:g} GB fp32 file of {args.dim}-value rows; n random cold rows (page "
+        f"cache dropped before each read); medians of {args.repeats} reads, ways interleaved"
+    )
+    rng = np.random.default_rng(0)
+    try:
+        for n in (int(x) for x in args.counts.split(",")):
+            times: dict[str, list[float]] = {name: [] for name in ways}
+            for _ in range(args.repeats):
+                for name, way in ways.items():
+                    rows = np.unique(rng.integers(0, num_rows, n))
+                    drop_page_cache(store.path)
+                    t0 = time.perf_counter()
+                    way(rows)
+                    times[name].append(time.perf_counter() - t0)
+            cells = ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in times.items())
+            print(f"  {n:5d} rows: {cells}")
+    finally:
+        readers.shutdown()
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # --- prefetch: host-pinned + prefetch vs on-device (CUDA) --------------------------------------
 def cmd_prefetch(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}")
@@ -701,6 +750,14 @@ def main() -> None:
     s.add_argument("--dims", default="32,80,256")
     s.add_argument("--repeats", type=int, default=7)
     s.set_defaults(fn=cmd_gather)
+
+    s = sub.add_parser("reads", help="cold row reads: advised + gather vs reader pool vs faults")
+    s.add_argument("--dir", default="/tmp/engramlm-tiers")
+    s.add_argument("--table-gb", type=float, default=1.0)
+    s.add_argument("--dim", type=int, default=64)
+    s.add_argument("--counts", default="30,90,500,2000")
+    s.add_argument("--repeats", type=int, default=15)
+    s.set_defaults(fn=cmd_reads)
 
     s = sub.add_parser("prefetch", help="(CUDA) host-pinned + prefetch vs on-device table")
     s.add_argument("--layers", type=int, default=4)

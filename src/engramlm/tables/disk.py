@@ -866,9 +866,9 @@ class DiskStore:
         after another, each would wait for the last. Up to ``2 * _READER_MIN_ROWS`` misses, and
         for every fp8 (served) table, the pages of all the rows are first advised
         ``WILLNEED`` (the kernel queues every read at once), then copied in one gather that
-        waits for reads already in flight: 90 cold rows of a V4.1 table in 1.5 ms, against
-        2.9 ms over the reader pool and 7.4 ms by faults alone (500 rows: 7.0 / 11.0 ms;
-        2,000: 23 / 26 ms; benchmarks/deepseek_v41.py's table, page cache dropped, idle).
+        waits for reads already in flight: 90 cold rows in 1.2 ms, against 2.1 ms over the
+        reader pool and 5.6 ms by faults alone (500 rows: 6.1 / 9.3 / 29.8 ms; 2,000 rows:
+        19.8 / 21.4 / 102 ms; ``benchmarks/tiers.py reads``, docs/benchmarks.md).
         Above that, on fp32 stores (training's large batches of misses), a pool of readers
         keeps ``_READERS`` faults outstanding; numpy releases the GIL while it copies.
         """
