@@ -505,30 +505,41 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def cmd_gather(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}")
     print(
-        f"table of {args.table_gb:g} GB fp32 in memory; gather {args.rows:,} random rows "
-        f"(index_select into a preallocated buffer) vs copy_ of a contiguous buffer of the same "
-        f"bytes; medians of {args.repeats} interleaved calls"
+        f"gather {args.rows:,} random rows (index_select into a preallocated buffer) from: a "
+        f"{args.table_gb:g} GB fp32 table in 4 KB pages (plain torch.randn); the same size as "
+        "engramlm allocates it (DeviceTable: huge pages, tables/hugepages.py); a 16 MB table "
+        "(fits the last-level cache: no DRAM miss per row). memcpy: copy_ of a contiguous "
+        f"buffer of the same bytes. GB/s of rows delivered, medians of {args.repeats} "
+        "interleaved calls"
     )
     for dim in (int(d) for d in args.dims.split(",")):
         num_rows = int(args.table_gb * GB) // (dim * 4)
-        table = torch.randn(num_rows, dim)
+        small = torch.randn((16 << 20) // (dim * 4), dim)
+        plain = torch.randn(num_rows, dim)
+        huge = DeviceTable(num_rows, dim).weight.detach()
         idx = torch.randint(0, num_rows, (args.rows,))
+        idx_small = torch.randint(0, len(small), (args.rows,))
         out = torch.empty(args.rows, dim)
-        src = table[: args.rows].clone()
+        src = plain[: args.rows].clone()
         dst = torch.empty_like(src)
         t = interleaved(
             {
-                "gather": lambda t=table, i=idx, o=out: torch.index_select(t, 0, i, out=o),
+                "4 KB pages": lambda i=idx, o=out, t=plain: torch.index_select(t, 0, i, out=o),
+                "huge pages": lambda i=idx, o=out, t=huge: torch.index_select(t, 0, i, out=o),
+                "16 MB table": lambda i=idx_small, o=out, t=small: torch.index_select(
+                    t, 0, i, out=o
+                ),
                 "memcpy": lambda d=dst, s=src: d.copy_(s),
             },
             repeats=args.repeats,
         )
         nbytes = args.rows * dim * 4
-        print(
-            f"  dim {dim:4d} ({dim * 4:4d} B rows, {nbytes / 1e6:6.0f} MB): gather "
-            f"{nbytes / t['gather'] / GB:6.2f} GB/s, memcpy {nbytes / t['memcpy'] / GB:6.2f} GB/s,"
-            f" gather/memcpy {t['memcpy'] / t['gather']:.2f}x"
+        cells = ", ".join(
+            f"{name} {nbytes / sec / GB:5.2f} GB/s ({t['memcpy'] / sec:.2f}x)"
+            for name, sec in t.items()
         )
+        print(f"  dim {dim:4d} ({dim * 4:4d} B rows): {cells}")
+        del plain, huge
 
 
 def cmd_reads(args: argparse.Namespace) -> None:

@@ -44,6 +44,7 @@ from engramlm.tables import (
     convert_table,
 )
 from engramlm.tables import offload as offload_module
+from engramlm.tables.base import TABLE_INIT_STD
 from engramlm.tables.plan import read_rows
 from engramlm.train import TrainConfig, build_optimizers, evaluate_run, load_run, train
 
@@ -775,3 +776,50 @@ def test_import_of_one_tables_folder_says_to_pass_its_parent(
     exported = export(runs["host"], tmp_path / "exported")
     err = refused_import(capsys, runs["host"], exported / "engram_layer1")
     assert "pass the folder that holds the engram_layer<i> folders" in err
+
+
+def _huge_page_kb(tensor: torch.Tensor) -> int:
+    """AnonHugePages of the mapping that holds ``tensor``'s first byte (/proc/self/smaps)."""
+    address = tensor.untyped_storage().data_ptr() + (2 << 20)  # inside the aligned interior
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _thp_on_request() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_on_request(), reason="needs Linux transparent huge pages")
+def test_in_memory_tables_are_backed_by_huge_pages() -> None:
+    """DeviceTable's weights (also when materialised from "meta") and a host MemoryStore's rows
+    are advised before they are first touched, so they fault in 2 MB pages; small tensors and
+    values are untouched by the advice."""
+    from engramlm.tables.hugepages import use_huge_pages
+
+    table = DeviceTable(1 << 18, 64)  # 64 MB
+    assert _huge_page_kb(table.weight) > 0
+    with torch.device("meta"):
+        late = DeviceTable(1 << 18, 64)
+    late.to_empty(device="cpu")
+    late.reset_parameters()
+    assert _huge_page_kb(late.weight) > 0
+    assert late.weight.std().item() == pytest.approx(TABLE_INIT_STD, rel=0.05)
+    store = MemoryStore(1 << 18, 64, pin=False)
+    assert _huge_page_kb(store.data) > 0 and not store.data.any()
+    plain = torch.randn(1 << 20, 16)  # touched before any advice: keeps its values
+    before = plain.clone()
+    use_huge_pages(plain)
+    assert torch.equal(plain, before)
+    assert not use_huge_pages(torch.zeros(1000))  # under 2 MB: left alone

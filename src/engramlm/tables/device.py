@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from engramlm.tables import fp8
 from engramlm.tables.base import TABLE_INIT_STD
+from engramlm.tables.hugepages import use_huge_pages
 
 
 class DeviceTable(nn.Module):
@@ -44,6 +45,7 @@ class DeviceTable(nn.Module):
             self.register_buffer(
                 "packed", torch.zeros(num_rows, fp8.packed_width(dim), dtype=torch.uint8)
             )
+            use_huge_pages(self.packed)
             return
         self.weight = nn.Parameter(torch.empty(num_rows, dim))
         self.reset_parameters()
@@ -51,6 +53,9 @@ class DeviceTable(nn.Module):
     def reset_parameters(self) -> None:
         if self.dtype == fp8.FP8:
             raise TypeError("an fp8 table is read-only: its rows come from a checkpoint")
+        # Here, not only in __init__: a model built on "meta" gets new, untouched storage from
+        # to_empty() and then initialises its tables; advised first, they fault in huge pages.
+        use_huge_pages(self.weight)
         nn.init.normal_(self.weight, std=TABLE_INIT_STD)
 
     def lookup(self, rows: Tensor) -> Tensor:  # [*] -> [*, dim]

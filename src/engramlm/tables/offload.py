@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from engramlm.tables import fp8
 from engramlm.tables.base import TABLE_INIT_STD
+from engramlm.tables.hugepages import use_huge_pages
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,10 @@ class MemoryStore:
         width = fp8.packed_width(dim) if dtype == fp8.FP8 else dim
         storage = torch.uint8 if dtype == fp8.FP8 else torch.float32
         # Explicitly CPU: host rows stay on the host even when the model is built on "meta".
-        self.data = torch.zeros(num_rows, width, dtype=storage, device="cpu", pin_memory=pin)
+        self.data = torch.empty(num_rows, width, dtype=storage, device="cpu", pin_memory=pin)
+        if not pin:  # pinned memory comes from the CUDA driver, not from ordinary pages
+            use_huge_pages(self.data)  # before the zeros below touch the pages
+        self.data.zero_()
 
     def read(self, rows: Tensor) -> Tensor:
         if self.dtype == fp8.FP8:
