@@ -30,6 +30,7 @@ from engramlm.config import EngramConfig, ModelConfig  # noqa: E402
 from engramlm.generate import generate_tokens  # noqa: E402
 from engramlm.model import EngramLM  # noqa: E402
 from engramlm.tables import TablePlan, convert_table  # noqa: E402
+from engramlm.tables.disk import drop_page_cache  # noqa: E402
 
 
 def main() -> None:
@@ -77,6 +78,7 @@ def main() -> None:
         )
         for src, dst in zip(mem.engram_tables(), disk.engram_tables(), strict=True):
             convert_table(src, dst)
+        drop_page_cache(Path(tmp))  # the first decode reads its rows from the disk
         prompt = torch.randint(0, backbone.vocab_size, (args.batch, args.prompt))
 
         def decode(model: EngramLM) -> torch.Tensor:
@@ -95,7 +97,9 @@ def main() -> None:
             variants["backbone (compiled)"] = lambda: decode(base_c)
             variants["engram (compiled)"] = lambda: decode(mem_c)
         load = os.getloadavg()[0]
+        before = disk_stats(disk)
         t = interleaved(variants, repeats=args.repeats)
+        after = disk_stats(disk)
         rows = sum(t_.num_rows for t_ in mem.engram_tables())
         print(f"machine: {machine()}; load average {load:.1f} at start")
         print(
@@ -107,7 +111,27 @@ def main() -> None:
         for name, sec in t.items():
             reference = t["backbone (compiled)" if "compiled" in name else "backbone"]
             print(f"  {name:20s} {tokens / sec:8.1f} tok/s   {reference / sec:5.3f}x backbone")
+        if not args.no_disk:
+            mem_sec, disk_sec = t["engram (memory)"], t["engram (disk)"]
+            hits, misses = (after[k] - before[k] for k in ("hits", "misses"))
+            row_bytes = engram_cfg.head_dim * 4
+            print(
+                f"  disk / memory: {mem_sec / disk_sec:.3f}x; while timed, the disk table's row "
+                f"cache hit {hits / max(1, hits + misses):.1%} of {hits + misses:,.0f} row reads "
+                f"and read {misses * row_bytes / 1e6:.2f} MB of rows from the file "
+                f"(before: {before['misses']:,.0f} rows read by the untimed first decode)"
+            )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def disk_stats(model: EngramLM) -> dict[str, float]:
+    """Row-cache hits and misses summed over the model's disk tables' weight stores."""
+    total = {"hits": 0.0, "misses": 0.0}
+    for table in model.engram_tables():
+        stats = table.weight_store.stats()
+        for key in total:
+            total[key] += stats[key]
+    return total
 
 
 if __name__ == "__main__":
