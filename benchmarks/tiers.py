@@ -68,7 +68,7 @@ from engramlm.tables import (  # noqa: E402
 from engramlm.tables.base import TABLE_INIT_STD  # noqa: E402
 from engramlm.tables.disk import DATA_OFFSET  # noqa: E402
 from engramlm.tables.offload import row_chunks  # noqa: E402
-from engramlm.train import TrainConfig, build_optimizers  # noqa: E402
+from engramlm.train import TrainConfig, _bind_vocab, build_optimizers  # noqa: E402
 
 GB = 1e9
 
@@ -88,9 +88,9 @@ def backbone_config(corpus: PreparedCorpus, layers: int, hidden: int, seq: int) 
 
 
 def with_engram(backbone: ModelConfig, corpus: PreparedCorpus, engram: EngramConfig) -> ModelConfig:
-    return dataclasses.replace(
-        backbone, engram=engram, compressed_vocab_size=corpus.compressed_vocab.num_compressed
-    )
+    """``backbone`` with ``engram`` bound to the corpus' tokenizer (V', the filler pad id), as
+    ``train`` binds it."""
+    return _bind_vocab(dataclasses.replace(backbone, engram=engram), corpus)
 
 
 def engram_for_rows(total_rows: int, hidden: int, layer: int = 1) -> EngramConfig:
@@ -175,6 +175,19 @@ def filled_store(
     DiskStore.create(path, num_rows, dim, dtype=dtype, cache_bytes=0).close()
     seconds = fill_rows(path, num_rows, dim, dtype)
     return DiskStore.open(path, cache_bytes=cache_bytes), seconds
+
+
+def sequential_read_rate(path: Path) -> float:
+    """Bytes/s reading ``path`` front to back in 8 MB reads, its pages dropped first."""
+    drop_page_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    total, t0 = 0, time.perf_counter()
+    try:
+        while chunk := os.read(fd, 8 << 20):
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    return total / (time.perf_counter() - t0)
 
 
 def rss_gb() -> tuple[float, float]:
@@ -415,7 +428,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
     lookups = sum(r.numel() for r in rows_stream)
     distinct = [torch.unique(r).numpy() for r in rows_stream]  # what a DiskStore reads per batch
     reads = sum(len(d) for d in distinct)
-    ever = len(np.unique(np.concatenate(distinct)))
+    ever_rows = np.unique(np.concatenate(distinct))
+    ever = len(ever_rows)
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -460,6 +474,25 @@ def cmd_cache(args: argparse.Namespace) -> None:
     ceiling = 1 - ever / reads
     print(f"  hit-rate ceiling of any cache on this stream (1 - first uses / reads): {ceiling:.1%}")
     ref = spent["device (F.embedding)"]
+    # The bound on any disk tier here: every page holding a row the stream uses must come from
+    # the disk once; read at the device's sequential rate (its best), they alone take this long.
+    row_bytes = dim * 4
+    pages = np.unique(
+        np.concatenate(
+            [
+                (DATA_OFFSET + ever_rows * row_bytes) // mmap.PAGESIZE,
+                (DATA_OFFSET + (ever_rows + 1) * row_bytes - 1) // mmap.PAGESIZE,
+            ]
+        )
+    )
+    needed = len(pages) * mmap.PAGESIZE
+    rate = sequential_read_rate(root / f"cache_{budgets[0]:g}.engt")
+    print(
+        f"  compulsory reads: {len(pages):,} distinct pages ({needed / GB:.2f} GB) hold the rows "
+        f"used; at this disk's sequential read rate ({rate / 1e6:.0f} MB/s, measured now) they "
+        f"take {needed / rate:.2f} s, so no disk tier can exceed {ref / (needed / rate):.2f}x "
+        "of device on this pass from a cold page cache"
+    )
     results = []
     for name, sec in spent.items():
         line = f"  {name:22s} {lookups / sec / 1e6:7.2f} M lookups/s  {ref / sec:5.2f}x of device"
