@@ -42,7 +42,7 @@ from engramlm import distributed  # noqa: E402
 from engramlm.config import ModelConfig  # noqa: E402
 from engramlm.data import TrainBatches, prepare_corpus  # noqa: E402
 from engramlm.model import EngramLM  # noqa: E402
-from engramlm.train import TrainConfig, build_optimizers, lr_at, set_lr  # noqa: E402
+from engramlm.train import TrainConfig, _bind_vocab, build_optimizers, lr_at, set_lr  # noqa: E402
 
 WORLD = 2
 ID_BYTES, VALUE_BYTES = 8, 4  # int64 ids, float32 rows and row gradients
@@ -88,7 +88,7 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: st
         compressed_vocab_size=corpus.compressed_vocab.num_compressed,
         max_seq_len=max(fields.get("max_seq_len", 0), args.seq_len),
     )
-    config = ModelConfig.from_dict(fields)
+    config = _bind_vocab(ModelConfig.from_dict(fields), corpus)  # V', the filler, as train does
     cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps)
     torch.manual_seed(0)
     if launch is None:

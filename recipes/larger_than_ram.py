@@ -27,7 +27,7 @@ from engramlm.data import TrainBatches, prepare_corpus
 from engramlm.generate import generate_tokens
 from engramlm.model import EngramLM, model_stats
 from engramlm.tables import TablePlan
-from engramlm.train import TrainConfig, build_optimizers, lr_at, set_lr
+from engramlm.train import TrainConfig, _bind_vocab, build_optimizers, lr_at, set_lr
 
 
 def status_kb(field: str) -> int:
@@ -67,8 +67,8 @@ def main() -> None:
         ffn_hidden_size=768,
         max_seq_len=256,
         engram=engram,
-        compressed_vocab_size=corpus.compressed_vocab.num_compressed,
     )
+    cfg = _bind_vocab(cfg, corpus)  # V' and the n-gram filler, as train binds them
     stats = model_stats(cfg)
     state_gb = stats.engram_table_params * 4 * 3 / 1e9
     ram_gb = status_kb("MemTotal") * 1024 / 1e9
