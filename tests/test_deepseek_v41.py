@@ -443,6 +443,46 @@ def test_chunked_prefill_and_decode_equal_one_prefill(ckpt):
     assert module.length == 23
 
 
+def test_decode_state_lives_in_the_callers_history(ckpt):
+    """Histories passed as ``state=`` (what a generation cache holds) keep two interleaved batches
+    apart, follow beam reordering and rewinds, and leave the module's own history alone."""
+    from engramlm.deepseek_v41 import V41History
+
+    path, info = ckpt
+    module = load_engram(path)[14]
+    g = torch.Generator().manual_seed(8)
+    ids, dead = random_ids(g, 3, 12, info["vc"])
+    h = torch.randn(3, 12, info["hc"], info["D"], generator=g).to(torch.bfloat16)
+    module.reset()
+    whole = module(h, ids, dead)  # the reference: one prefill on the module's own history
+    a, b = V41History(), V41History()
+    parts_a, parts_b = [], []
+    for start, stop in [(0, 5), (5, 6), (6, 12)]:  # two sequence batches, steps interleaved
+        s = slice(start, stop)
+        parts_a.append(module(h[:, s], ids[:, s], dead[:, s], state=a))
+        parts_b.append(module(h[1:, s], ids[1:, s], dead[1:, s], state=b))
+    assert torch.equal(torch.cat(parts_a, 1), whole)
+    assert torch.equal(torch.cat(parts_b, 1), whole[1:])
+    assert module.length == 12 and a.length == b.length == 12
+    # beams: rows reordered after position 8, then one more step = the reordered prefill
+    beams = torch.tensor([2, 2, 0])
+    c = V41History()
+    module(h[:, :8], ids[:, :8], dead[:, :8], state=c)
+    c.reorder(beams)
+    step = module(h[beams, 8:9], ids[beams, 8:9], dead[beams, 8:9], state=c)
+    module.reset()
+    assert torch.equal(step, module(h[beams, :9], ids[beams, :9], dead[beams, :9])[:, 8:])
+    # rewind: crop to 4 positions, continue from there = a prefill of the first 4 + the rest
+    c.crop(4)
+    assert c.length == 4
+    rest = module(h[beams, 4:7], ids[beams, 4:7], dead[beams, 4:7], state=c)
+    assert torch.equal(
+        rest, module(h[beams, :7], ids[beams, :7], dead[beams, :7], start_pos=0)[:, 4:]
+    )
+    with pytest.raises(ValueError, match="crop length must be >= 0"):
+        c.crop(-1)
+
+
 def test_start_pos_zero_starts_a_new_sequence(ckpt):
     path, info = ckpt
     module = load_engram(path)[1]

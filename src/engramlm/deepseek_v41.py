@@ -197,6 +197,34 @@ class DeepSeekV41Config:
             )
 
 
+@dataclass
+class V41History:
+    """Decode state of one V4.1 Engram layer: the compressed ids its sequences have seen, by
+    absolute position (spec §3.6). A generation cache owns one per Engram layer and passes it
+    as ``state=`` (and reorders or crops it with its beams and rewinds); without one, the module
+    uses its own :attr:`DeepSeekV41Engram.state`, which suits one sequence batch at a time."""
+
+    ids: Tensor | None = None  # [B, L] compressed ids by position, DEAD where unknown
+    length: int = 0  # positions [0, length) are the current sequence
+
+    def reset(self) -> None:
+        """Forget everything: the next call starts new sequences at position 0."""
+        self.ids, self.length = None, 0
+
+    def reorder(self, beam_idx: Tensor) -> None:
+        """Keep row ``beam_idx[i]`` as row i (beam search's reordering, batch expansion)."""
+        if self.ids is not None:
+            self.ids = self.ids[beam_idx.to(self.ids.device)]
+
+    def crop(self, length: int) -> None:
+        """Forget positions ``length`` and later (a rewind, e.g. rejected draft tokens)."""
+        if length < 0:
+            raise ValueError(f"crop length must be >= 0, got {length}")
+        if self.ids is not None:
+            self.ids[:, length:] = DEAD
+        self.length = min(self.length, length)
+
+
 class DeepSeekV41Engram(nn.Module):
     """One V4.1 Engram layer: ``forward(streams [B, T, hc, D], compressed_ids [B, T]) -> streams``.
 
@@ -210,7 +238,8 @@ class DeepSeekV41Engram(nn.Module):
     history, so calls in sequence (a prefill in chunks, then decode steps) give exactly the ids
     and outputs of one prefill. ``start_pos=0`` (or :meth:`reset`) starts new sequences;
     positions before ``start_pos`` never written read as DEAD. :meth:`hash_ids` reads the
-    history; :meth:`forward` also writes it.
+    history; :meth:`forward` also writes it. The history is a :class:`V41History`: the module's
+    own (:attr:`state`) unless a caller's generation cache passes its own as ``state=``.
     """
 
     def __init__(
@@ -233,12 +262,16 @@ class DeepSeekV41Engram(nn.Module):
             config.engram, pad_id=pad, compressed_vocab_size=config.compressed_vocab_size, dead=True
         )
         self.engram = Engram(config.engram, config.hidden_size, self.hasher.moduli[layer_id], table)
-        self.history: Tensor | None = None  # [B, L] compressed ids by position, DEAD if unknown
-        self.length = 0  # positions [0, length) of the history are the current sequence
+        self.state = V41History()  # used when a call passes no state of its own
+
+    @property
+    def length(self) -> int:
+        """Positions the module's own history holds (the next call's default start)."""
+        return self.state.length
 
     def reset(self) -> None:
-        """Forget the history: the next call starts new sequences at position 0."""
-        self.history, self.length = None, 0
+        """Forget the module's own history: the next call starts new sequences at position 0."""
+        self.state.reset()
 
     def _ids(self, compressed_ids: Tensor, dead: Tensor | None) -> Tensor:
         if compressed_ids.dim() != 2 or compressed_ids.dtype != torch.int64:
@@ -262,10 +295,10 @@ class DeepSeekV41Engram(nn.Module):
             )
         return compressed_ids.masked_fill(dead, DEAD)
 
-    def _prefix(self, B: int, start_pos: int) -> Tensor:
+    def _prefix(self, B: int, start_pos: int, state: V41History) -> Tensor:
         """[B, N-1] ids at positions start_pos-N+1 .. start_pos-1: pad before 0, DEAD unknown."""
         N1 = self.config.max_ngram - 1
-        hist = self.history if start_pos > 0 else None
+        hist = state.ids if start_pos > 0 else None
         if hist is not None and hist.shape[0] != B:
             raise ValueError(
                 f"batch of {B} rows, the history holds {hist.shape[0]}: call reset() (or pass "
@@ -280,23 +313,34 @@ class DeepSeekV41Engram(nn.Module):
             prefix[:, known] = hist[:, positions[known]].to(device)
         return prefix
 
-    def _local_ids(self, ids: Tensor, start_pos: int) -> Tensor:  # [B, T] -> [B, T, H]
-        prefix = self._prefix(ids.shape[0], start_pos)
+    def _local_ids(self, ids: Tensor, start_pos: int, state: V41History) -> Tensor:
+        prefix = self._prefix(ids.shape[0], start_pos, state)  # [B, T] -> [B, T, H]
         return self.hasher(ids, self.layer_id, prefix.to(ids.device))
 
     def hash_ids(
-        self, compressed_ids: Tensor, dead: Tensor | None = None, start_pos: int | None = None
+        self,
+        compressed_ids: Tensor,
+        dead: Tensor | None = None,
+        start_pos: int | None = None,
+        *,
+        state: V41History | None = None,
     ) -> Tensor:
         """[B, T] -> [B, T, (N-1)K] rows of this layer's table (offsets added; spec §3.5)."""
+        state = self.state if state is None else state
         ids = self._ids(compressed_ids, dead)
-        start = self.length if start_pos is None else start_pos
-        return self.engram.global_rows(self._local_ids(ids, start))
+        start = state.length if start_pos is None else start_pos
+        return self.engram.global_rows(self._local_ids(ids, start, state))
 
     def prefetch(
-        self, compressed_ids: Tensor, dead: Tensor | None = None, start_pos: int | None = None
+        self,
+        compressed_ids: Tensor,
+        dead: Tensor | None = None,
+        start_pos: int | None = None,
+        *,
+        state: V41History | None = None,
     ) -> None:
         """Hint the table that the rows of these positions will be looked up (spec §4)."""
-        self.engram.table.prefetch(self.hash_ids(compressed_ids, dead, start_pos))
+        self.engram.table.prefetch(self.hash_ids(compressed_ids, dead, start_pos, state=state))
 
     def forward(
         self,
@@ -304,24 +348,28 @@ class DeepSeekV41Engram(nn.Module):
         compressed_ids: Tensor,
         dead: Tensor | None = None,
         start_pos: int | None = None,
+        *,
+        state: V41History | None = None,
     ) -> Tensor:
         """([B, T, hc, D], [B, T] compressed ids, [B, T] bool) -> [B, T, hc, D] streams."""
+        state = self.state if state is None else state
         ids = self._ids(compressed_ids, dead)
         if streams.dim() != 4 or streams.shape[:2] != ids.shape:
             raise ValueError(
                 f"streams must be [B, T, hc, D] with [B, T] = {list(ids.shape)} (the ids' shape), "
                 f"got {list(streams.shape)}"
             )
-        start = self.length if start_pos is None else start_pos
-        local = self._local_ids(ids, start)  # [B, T, H]
+        start = state.length if start_pos is None else start_pos
+        local = self._local_ids(ids, start, state)  # [B, T, H]
         u = self.engram.gated_value(streams, local, mask=ids != DEAD)  # [B, T, hc, D] fp32
-        self._record(ids, start)
+        self._record(ids, start, state)
         return (streams.float() + u.float()).to(streams.dtype)
 
-    def _record(self, ids: Tensor, start: int) -> None:
+    @staticmethod
+    def _record(ids: Tensor, start: int, state: V41History) -> None:
         B, T = ids.shape
         stop = start + T
-        hist = self.history if start > 0 else None
+        hist = state.ids if start > 0 else None
         if hist is None or hist.shape[1] < stop:  # grow geometrically, unknown positions DEAD
             grown = torch.full((B, max(stop, 2 * (0 if hist is None else hist.shape[1]))), DEAD)
             if hist is not None:
@@ -329,7 +377,7 @@ class DeepSeekV41Engram(nn.Module):
             hist = grown
         hist[:, start:stop] = ids.cpu()
         hist[:, stop:] = DEAD  # later positions belong to a discarded continuation
-        self.history, self.length = hist, stop
+        state.ids, state.length = hist, stop
 
 
 def load_engram(
