@@ -84,3 +84,47 @@ def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, cap
         assert r["margin"] == expected and len(expected) == 2
         assert all(math.isfinite(x) and x >= 1.0 for x in r["imbalance"])
     assert "margin" in capsys.readouterr().out
+
+
+def _load_script(path: Path, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_capacity_recipe_reports_the_gain_kept_paired_by_seed(tmp_path, monkeypatch, capsys):
+    """recipes/capacity.py at smoke size: the reference, the MoE and both shrunken-table variants
+    at two seeds; each variant's share of the gain is (MoE - variant) / (MoE - reference) for
+    the same seed, and its tables really are smaller."""
+    import sys
+
+    recipe = _load_script(RECIPES / "capacity.py", "capacity")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["capacity", "--smoke", "--seeds", "0,1"])
+    recipe.main()
+    out = capsys.readouterr().out
+    doc = json.loads(out[: out.index("\nseeds")])
+    moe, full = doc["moe_val_loss"], doc["full_val_loss"]
+    assert [v["key"] for v in doc["variants"]] == ["rows_1_16", "rows_min"]
+    for v in doc["variants"]:
+        want = [(m - x) / (m - f) for m, x, f in zip(moe, v["val_loss"], full, strict=True)]
+        assert v["gain_kept"] == want
+        assert v["table_rows"] < doc["full_table_rows"]
+    assert "share of the gain kept" in out
+
+
+def test_tiers_benchmark_binds_its_engram_config_to_the_tokenizer(tmp_path):
+    """benchmarks/tiers.py builds its models from configs bound like train's (the n-gram filler
+    resolved from the tokenizer): an unbound config is refused by EngramLM."""
+    from engramlm.experiments.common import Context
+
+    tiers = _load_script(Path(__file__).parent.parent / "benchmarks" / "tiers.py", "tiers")
+    corpus = Context(name="t", smoke=True, out_root=tmp_path).corpus
+    backbone = tiers.backbone_config(corpus, 2, 64, 32)
+    config = tiers.with_engram(backbone, corpus, tiers.engram_for_rows(10_000, 64))
+    assert config.engram.pad_id is not None
+    model = tiers.meta_model(config, corpus)
+    assert model.layers[1].engram is not None
