@@ -816,6 +816,8 @@ def test_in_memory_tables_are_backed_by_huge_pages() -> None:
     late.reset_parameters()
     assert _huge_page_kb(late.weight) > 0
     assert late.weight.std().item() == pytest.approx(TABLE_INIT_STD, rel=0.05)
+    fp8_table = DeviceTable(1 << 18, 256, dtype=torch.float8_e4m3fn)  # 66 MB of packed rows
+    assert _huge_page_kb(fp8_table.packed) > 0 and not fp8_table.packed.any()
     store = MemoryStore(1 << 18, 64, pin=False)
     assert _huge_page_kb(store.data) > 0 and not store.data.any()
     plain = torch.randn(1 << 20, 16)  # touched before any advice: keeps its values

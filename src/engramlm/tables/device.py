@@ -42,10 +42,9 @@ class DeviceTable(nn.Module):
         self.dtype = dtype
         self.sparse_grad = sparse_grad
         if dtype == fp8.FP8:
-            self.register_buffer(
-                "packed", torch.zeros(num_rows, fp8.packed_width(dim), dtype=torch.uint8)
-            )
-            use_huge_pages(self.packed)
+            packed = torch.empty(num_rows, fp8.packed_width(dim), dtype=torch.uint8)
+            use_huge_pages(packed)  # before the zeros touch its pages
+            self.register_buffer("packed", packed.zero_())
             return
         self.weight = nn.Parameter(torch.empty(num_rows, dim))
         self.reset_parameters()
