@@ -11,9 +11,10 @@ process sets ``THP_MEM_ALLOC_ENABLE=1`` before its first allocation, which a lib
 for its users. :func:`use_huge_pages` advises one tensor's memory ``MADV_HUGEPAGE`` instead,
 before its pages are first touched (tables call it between ``torch.empty`` and their
 initialisation), so the faults that fill it map huge pages. Pages touched before the advice
-stay small: collapsing them (``MADV_COLLAPSE``) took 8.3 s for 4 GB here and the gather was no
-faster after it, so it is not used. A hint: where the kernel refuses (other OS, THP off, no
-free 2 MB blocks) the tensor simply keeps small pages.
+stay small: collapsing them (``MADV_COLLAPSE``) took 8.3 s for 4 GB in one trial here (a
+throwaway script, not a kept benchmark) and the gather was no faster after it, so it is not
+used. A hint: where the kernel refuses (other OS, THP off, no free 2 MB blocks) the tensor
+simply keeps small pages.
 """
 
 from __future__ import annotations
