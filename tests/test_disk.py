@@ -455,8 +455,11 @@ def test_served_prefetch_of_cached_rows_gathers_at_once(tmp_path: Path) -> None:
     assert table._pool is not None
     assert torch.equal(table.lookup(torch.tensor([3, 401])), weights[[3, 401]])
     assert (table.prefetch_hits, table.prefetch_misses) == (2, 1)
-    assert table.weight_store.cached(torch.tensor([3, 9, 400, 401]))
-    assert not table.weight_store.cached(torch.tensor([3, 402]))
+    store = table.weight_store
+    assert torch.equal(store.read_cached(torch.tensor([401, 3])), weights[[401, 3]])
+    before = store.stats()
+    assert store.read_cached(torch.tensor([3, 402])) is None  # 402 was never read
+    assert store.stats() == before  # nothing counted
     table.close()
 
 

@@ -711,9 +711,21 @@ class DiskStore:
             raise ValueError(f"{self.path}: store is closed")
 
     def read(self, rows: Tensor) -> Tensor:  # [n] -> [n, dim]
+        out = self._read(rows, only_cached=False)
+        assert out is not None
+        return out
+
+    def read_cached(self, rows: Tensor) -> Tensor | None:
+        """:meth:`read` when every one of the [n] ids is in the row cache (a read that touches
+        no file); else None, and nothing is counted or changed."""
+        return self._read(rows, only_cached=True)
+
+    def _read(self, rows: Tensor, *, only_cached: bool) -> Tensor | None:
         r = self._check_rows(rows)
         with self._lock:
             self._check_open()
+            if only_cached and bool((self._find(r) < 0).any()):
+                return None
             freq, hit, hit_slots = self._access(r)
             out = np.empty((len(r), self.dim), dtype=np.float32)
             cached = self._slot_data[hit_slots]
@@ -754,13 +766,6 @@ class DiskStore:
             pages = self._advise_willneed(r)
         with self._lock:
             self._stats["pages_warmed"] += pages
-
-    def cached(self, rows: Tensor) -> bool:
-        """Whether every one of the [n] ids is in the row cache (a read would touch no file)."""
-        r = self._check_rows(rows)
-        with self._lock:
-            self._check_open()
-            return bool((self._find(r) >= 0).all())
 
     def _advise_willneed(self, rows: np.ndarray) -> int:
         """``posix_fadvise(POSIX_FADV_WILLNEED)`` the file pages of [n] distinct ``rows``, one

@@ -319,9 +319,10 @@ class OffloadedTable(nn.Module):
     # --- the Table interface -----------------------------------------------------------------
     def prefetch(self, rows: Tensor) -> None:
         flat, target = self._flat(rows), self._target(rows)
-        if self._all_cached(flat, target):  # a gather of cached rows costs less than a handoff
+        cached = self._gather_cached(flat, target)
+        if cached is not None:  # a gather of cached rows costs less than a thread handoff
             future: Future[tuple[Tensor, Any]] = Future()
-            future.set_result((self._gather(flat, pin=False), None))
+            future.set_result((cached, None))
         else:
             stream = self._copy_stream(target) if target.type == "cuda" else None
             if self._pool is None:
@@ -356,7 +357,7 @@ class OffloadedTable(nn.Module):
                 current = torch.cuda.current_stream(target)
                 current.wait_event(event)
                 values.record_stream(current)
-        if self.read_only:
+        if self.read_only or not torch.is_grad_enabled():  # no backward: no tape entry
             return values.view(*rows.shape, self.dim)
         out = _Lookup.apply(self._anchor, values, flat, self)
         return out.view(*rows.shape, self.dim)
@@ -370,15 +371,19 @@ class OffloadedTable(nn.Module):
             )
         return flat
 
-    def _all_cached(self, flat: Tensor, target: torch.device) -> bool:
-        """Whether a served CPU lookup of [n] ``flat`` rows would hit the file store's row cache
-        for every row: :meth:`prefetch` then gathers at once instead of on its thread. Handing
-        a few cached rows to the thread and back cost more than the gather (the two threads
-        contend for the GIL): greedy decoding at B=1 with the table on disk (cached) ran at
-        0.74-0.80x the in-memory model's tokens/s through the thread, 0.84-0.85x so
-        (``benchmarks/decode.py``, 1 thread, 2026-12-01)."""
-        cached = getattr(self.weight_store, "cached", None)
-        return not self.training and target.type == "cpu" and cached is not None and cached(flat)
+    def _gather_cached(self, flat: Tensor, target: torch.device) -> Tensor | None:
+        """[n] rows gathered at once when the table is served on the CPU and a file store's row
+        cache holds every one of them; else None (nothing read or counted). :meth:`prefetch`
+        then skips its thread: handing a few cached rows to it and back cost more than the
+        gather (the two threads contend for the GIL): greedy decoding at B=1 with the table on
+        disk (cached) ran at 0.74-0.80x the in-memory model's tokens/s through the thread,
+        0.84-0.85x so (``benchmarks/decode.py``, 1 thread, 2026-12-01)."""
+        read_cached = getattr(self.weight_store, "read_cached", None)
+        if self.training or target.type != "cpu" or read_cached is None:
+            return None
+        unique, inverse = torch.unique(flat, return_inverse=True)  # each row read once
+        values = read_cached(unique)
+        return None if values is None else values[inverse]
 
     def _target(self, rows: Tensor) -> torch.device:
         return self.device if self.device is not None else rows.device
