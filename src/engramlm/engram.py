@@ -138,10 +138,15 @@ def inverse_rms(x: Tensor, eps: float | None) -> Tensor:
     """1 / sqrt(mean(x^2) + eps) over the last dim, [..., D] -> [..., 1], the scale RMSNorm
     applies (``eps=None``: torch's default, the eps of fp32 for bf16 and fp16), in fp32. One fused
     reduction (``vector_norm``) instead of the norm's full-width passes."""
-    if eps is None:  # what F.rms_norm takes: the eps of the type it accumulates in
-        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
+    eps = _eps(eps, x)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
     return torch.rsqrt(norm.square() / x.shape[-1] + eps)  # fp32, as RMSNorm accumulates
+
+
+def _eps(eps: float | None, x: Tensor) -> float:
+    """An RMSNorm's eps for ``x``: ``eps``, or for None what F.rms_norm takes, the eps of the
+    type it accumulates in."""
+    return torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps
 
 
 def head_offsets(moduli: Sequence[int]) -> Tensor:
@@ -275,11 +280,22 @@ class Engram(nn.Module):
         # autocast vecdot would round an fp32 residual stream to bf16, which mul and sum don't.
         dtype = torch.promote_types(hidden.dtype, keys.dtype)
         weight = self.query_norm.weight * self.key_norm.weight  # [M, D]
-        with torch.autocast(hidden.device.type, enabled=False):
-            dot = torch.linalg.vecdot(hidden.to(dtype), (keys * weight.to(keys.dtype)).to(dtype))
-        dot = dot.unsqueeze(-1).float()  # [B, T, M, 1]
-        scale = inverse_rms(hidden, self.query_norm.eps) * inverse_rms(keys, self.key_norm.eps)
-        s = dot * scale / math.sqrt(self.hidden_size)
+        query, key = hidden.to(dtype), (keys * weight.to(keys.dtype)).to(dtype)
+        if torch.is_autocast_enabled(hidden.device.type):
+            with torch.autocast(hidden.device.type, enabled=False):
+                dot = torch.linalg.vecdot(query, key)
+        else:  # entering a disabled autocast costs ~4 us: a tenth of a decoding step's gate
+            dot = torch.linalg.vecdot(query, key)
+        # s = dot / (rms(h) rms(k) sqrt(D)) with rms(x)^2 = (|x|^2 + D eps) / D, so
+        # s = dot sqrt(D) / sqrt((|h|^2 + D eps_q)(|k|^2 + D eps_k)): three scalar ops, not five
+        # (each costs a tensor wrap; at decoding's T = 1 they dominate the gate), fp32 throughout.
+        D = self.hidden_size
+        sq_h = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32).square()
+        sq_k = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).square()
+        denominator = (sq_h + D * _eps(self.query_norm.eps, hidden)) * (
+            sq_k + D * _eps(self.key_norm.eps, keys)
+        )
+        s = (dot.float() * torch.rsqrt(denominator) * math.sqrt(D)).unsqueeze(-1)  # [B, T, M, 1]
         alpha = gate_activation(s, signed_sqrt=self.config.gate == "signed_sqrt")
         return alpha if self.config.gate_fp32 else alpha.to(kv.dtype)
 
