@@ -128,3 +128,43 @@ def test_tiers_benchmark_binds_its_engram_config_to_the_tokenizer(tmp_path):
     assert config.engram.pad_id is not None
     model = tiers.meta_model(config, corpus)
     assert model.layers[1].engram is not None
+
+
+def test_results_changes_lists_what_a_rerun_moved(tmp_path) -> None:
+    """recipes/results_changes.py against two hand-written pages: a section left as it was is
+    'not re-run'; in a re-run one, the changed outcome cells come with before, now and change
+    (rows matched by their label cells, here two of them), and the verdicts before and now."""
+    from engramlm.experiments import report
+
+    recipe = _load_script(RECIPES / "results_changes.py", "results_changes")
+
+    def page(loss: str, nll: str, verdict: str) -> str:
+        return "\n".join([
+            "# Results", "", "| experiment | what | wall time | plots |", "|---|---|---|---|",
+            "| [allocation](#allocation) | a | 1 min | |", "| [longctx](#longctx) | b | 1 min | |",
+            "", '<a id="allocation"></a>', "", "## Allocation", "",
+            "| rho (nominal) | P_tot | val loss (mean ± std) |", "|---|---|---|",
+            f"| 1 | 11.680M | {loss} ± 0.0403 |", "| 0.7 | 11.679M | 4.8125 ± 0.0166 |", "",
+            f"**Verdict:** {verdict}", "", '<a id="longctx"></a>', "", "## Long context", "",
+            "| task | length | MoE NLL | call |", "|---|---|---|---|",
+            f"| NIAH | 256 | {nll} | floor |", "| NIAH | 512 | 3.886 | floor |", "",
+        ])  # fmt: skip
+
+    before = page("4.9380", "3.869", "minimum at rho = 0.7.")
+    after = page("4.9000", "3.869", "minimum at rho = 0.8.")
+    text = recipe.report(before, after)
+    assert "- **longctx**: not re-run yet" in text
+    assert "| rho (nominal) 1 | val loss (mean ± std) | 4.938 | 4.9 | -0.038 |" in text
+    assert "before: **Verdict:** minimum at rho = 0.7." in text
+    assert "now: **Verdict:** minimum at rho = 0.8." in text
+    assert "P_tot" not in text and "0.7 |" not in text.split("now:")[1]  # context, unchanged
+    text = recipe.report(before, page("4.9380", "3.500", "minimum at rho = 0.7."))
+    assert "| NIAH / 256 | MoE NLL | 3.869 | 3.5 | -0.369 |" in text
+    assert "Verdict unchanged" in text and "**allocation**: not re-run yet" in text
+    # The block written into the page survives the page's next rendering.
+    written = report.with_changes_block(after, text)
+    assert written.index("<!-- changes -->") < written.index('<a id="allocation"></a>')
+    assert report.with_changes_block(written, "again").count("<!-- changes -->") == 1
+    rendered = report.render(tmp_path / "runs", tmp_path / "img", previous=written)
+    assert report.changes_block(rendered) == report.changes_block(written)
+    assert "minimum at rho = 0.8." in rendered  # the sections kept from the page as well

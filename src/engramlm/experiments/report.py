@@ -50,6 +50,28 @@ def load_results(out_root: str | Path, name: str) -> dict | None:
 
 _ANCHOR = re.compile(r'^<a id="([a-z0-9_]+)"></a>$', re.MULTILINE)
 
+# A block of the page that rendering keeps as it is, after the index: what a re-run changed,
+# written by ``recipes/results_changes.py`` from two versions of the page.
+CHANGES_START, CHANGES_END = "<!-- changes -->", "<!-- /changes -->"
+_CHANGES = re.compile(re.escape(CHANGES_START) + ".*?" + re.escape(CHANGES_END), re.DOTALL)
+
+
+def changes_block(page_text: str) -> str | None:
+    """The page's kept block (markers included), or None."""
+    m = _CHANGES.search(page_text)
+    return m.group(0) if m else None
+
+
+def with_changes_block(page_text: str, block: str) -> str:
+    """``page_text`` with its kept block replaced by ``block`` (markers added), or the block
+    inserted after the index table when the page has none."""
+    block = f"{CHANGES_START}\n{block.strip()}\n{CHANGES_END}"
+    if _CHANGES.search(page_text):
+        return _CHANGES.sub(lambda _: block, page_text, count=1)
+    first = _ANCHOR.search(page_text)
+    at = first.start() if first else len(page_text)
+    return page_text[:at] + block + "\n\n" + page_text[at:]
+
 
 def previous_entries(page_text: str) -> dict[str, tuple[str, str]]:
     """``{name: (index row, section)}`` of the experiments a rendered page reports results for."""
@@ -106,7 +128,8 @@ def render(
         minutes = doc.get("wall_seconds", 0.0) / 60
         index.append(f"| [{name}]({anchor}) | {what} | {minutes:.1f} min | {', '.join(plots)} |")
         sections.append(f'<a id="{name}"></a>\n\n' + module.report(doc).strip() + "\n")
-    return "\n".join([HEADER, *index, "", *sections])
+    kept_block = changes_block(previous) if previous else None
+    return "\n".join([HEADER, *index, "", *([kept_block, ""] if kept_block else []), *sections])
 
 
 def write_page(out_root: str | Path = "runs", page: str | Path = "docs/results.md") -> Path:
