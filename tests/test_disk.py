@@ -486,3 +486,26 @@ def test_offloaded_table_warms_the_moments_only_when_training(tmp_path: Path) ->
     table.warm(torch.tensor([700]))
     assert [s.stats()["pages_warmed"] for s in table.stores] == [4, 3, 3]
     table.close()
+
+
+def test_full_hit_reads_are_counted_before_the_next_cache_decision(tmp_path: Path) -> None:
+    """Reads that hit in full are queued, not counted at once; a read with a miss counts them
+    first, so the sketch holds what counting each access at once gives (a write, then four
+    reads: 5 uses), and the values read meanwhile are the cached ones."""
+    store = DiskStore.create(tmp_path / "t", 1000, DIM, cache_bytes=100 * _row_cost())
+    rows = torch.tensor([3, 7, 11])
+    store.write(rows, torch.arange(3.0)[:, None].expand(3, DIM))  # cached (dirty): 1 use
+    for _ in range(4):
+        assert torch.equal(store.read(rows), torch.arange(3.0)[:, None].expand(3, DIM))
+    assert store._pending == 4 * 3  # queued, not yet counted
+    sketch = store._sketch
+    ids = rows.numpy()
+
+    def uses() -> np.ndarray:
+        return sketch.counts.reshape(-1)[sketch._index(ids)].min(axis=0)
+
+    assert (uses() == 1).all()
+    store.read(torch.tensor([500]))  # a miss: the queue is counted before it is admitted
+    assert store._pending == 0 and (uses() == 5).all()
+    assert store.stats()["hits"] == 12 and store.stats()["misses"] == 1
+    store.close()
