@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from engramlm.config import EngramConfig
 from engramlm.tables import DeviceTable, Table
 
-# From this many positions (B x T) on, the short conv is one conv2d call rather than a sum over
-# its taps; below, the call's fixed cost is more (at B=1: 28 against 15 us for one position,
-# 30 against 40 for 16; benchmarks in ShortConv._conv_call).
+# From this many positions (B x T) on, the short conv runs inference as one conv2d call rather
+# than a sum over its taps; below, the call's fixed cost is more (at B=1: 28 against 15 us for
+# one position, 30 against 40 for 16; benchmarks in ShortConv._conv_call).
 _CONV_CALL_POSITIONS = 16
 
 
@@ -97,7 +97,7 @@ class ShortConv(nn.Module):
             x = F.pad(x, (0, 0, P, 0))  # causal left padding, [B, P+T, M*D]
         else:
             x = torch.cat([state.transpose(1, 2), x], dim=1)  # [B, P+T, M*D]
-        if B * T >= _CONV_CALL_POSITIONS:
+        if B * T >= _CONV_CALL_POSITIONS and not torch.is_grad_enabled():
             y = self._conv_call(x)
         else:
             # Few positions (decoding): a sum over the w taps, y[t] = sum_i W[:, i] x[t + i*delta],
@@ -113,8 +113,10 @@ class ShortConv(nn.Module):
         """[B, P+T, C] -> [B, T, C]: the depthwise dilated conv as one ``conv2d`` call on the
         [B, C, 1, P+T] view of ``x``, which is channels-last, so no transposing copy either
         way. At B=8, T=512, C=1024 on one CPU thread: 3.6 ms against 8.7 ms for the four taps
-        (bitwise equal here), forward + backward 75.7 against 79.0 ms. fp32 even under
-        autocast, like the taps (elementwise ops autocast leaves alone)."""
+        (bitwise equal here). Inference only: forward + backward gained little (75.7 against
+        79.0 ms), the weight's gradient comes back in strides DDP's buckets do not expect, and
+        sharded training under FSDP no longer matched one process to 1e-6; training keeps the
+        taps. fp32 even under autocast, like the taps (elementwise ops autocast leaves alone)."""
         C = x.shape[-1]
         w = self.weight.to(x.dtype).unsqueeze(2)  # [C, 1, 1, w]
         view = x.transpose(1, 2).unsqueeze(2)  # [B, C, 1, P+T], channels-last strides
@@ -308,16 +310,13 @@ class Engram(nn.Module):
                 dot = torch.linalg.vecdot(query, key)
         else:  # entering a disabled autocast costs ~4 us: a tenth of a decoding step's gate
             dot = torch.linalg.vecdot(query, key)
-        # s = dot / (rms(h) rms(k) sqrt(D)) with rms(x)^2 = (|x|^2 + D eps) / D, so
-        # s = dot sqrt(D) / sqrt((|h|^2 + D eps_q)(|k|^2 + D eps_k)): three scalar ops, not five
-        # (each costs a tensor wrap; at decoding's T = 1 they dominate the gate), fp32 throughout.
-        D = self.hidden_size
-        sq_h = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32).square()
-        sq_k = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).square()
-        denominator = (sq_h + D * _eps(self.query_norm.eps, hidden)) * (
-            sq_k + D * _eps(self.key_norm.eps, keys)
-        )
-        s = (dot.float() * torch.rsqrt(denominator) * math.sqrt(D)).unsqueeze(-1)  # [B, T, M, 1]
+        dot = dot.unsqueeze(-1).float()  # [B, T, M, 1]
+        # Two inverse RMS, as the norms compute them. One rsqrt of their product (two scalar
+        # ops fewer, ~4 us at T=1) rounds differently: training would no longer reproduce runs
+        # stored before it bit for bit, and the FSDP test's last-bit differences from one
+        # process grew, through Adam, to 1.5e-5 in two table rows (tests/test_distributed.py).
+        scale = inverse_rms(hidden, self.query_norm.eps) * inverse_rms(keys, self.key_norm.eps)
+        s = dot * scale / math.sqrt(self.hidden_size)
         alpha = gate_activation(s, signed_sqrt=self.config.gate == "signed_sqrt")
         return alpha if self.config.gate_fp32 else alpha.to(kv.dtype)
 
