@@ -74,6 +74,7 @@ def cell_changes(before: str, after: str) -> list[tuple[str, str, float | None, 
     for t, (header, rows) in enumerate(new_tables):
         old_rows = _by_label(old_tables[t]) if t < len(old_tables) else {}
         new_rows = _by_label((header, rows))
+        where = f"table {t + 1}: " if len(new_tables) > 1 else ""  # the same labels recur
         for label, cells in new_rows.items():
             old = old_rows.get(label)
             for col, cell in cells.items():
@@ -82,9 +83,9 @@ def cell_changes(before: str, after: str) -> list[tuple[str, str, float | None, 
                 was = None if old is None else number(old.get(col, ""))
                 now = number(cell)
                 if was != now:
-                    changes.append((label, col, was, now))
+                    changes.append((where + label, col, was, now))
         for label in old_rows.keys() - new_rows.keys():
-            changes.append((label, "(row)", None, None))
+            changes.append((where + label, "(row)", None, None))
     return changes
 
 
