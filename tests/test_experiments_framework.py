@@ -201,3 +201,26 @@ def test_a_run_being_trained_elsewhere_is_waited_for_then_read(
         result.write_text(saved)  # the other trainer finishes
     waiter.join(timeout=10)
     assert calls == [] and got[0].val_loss == first.val_loss
+
+
+def test_a_link_made_by_a_concurrent_experiment_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two experiments started side by side may both find models/<key> missing; the second's
+    symlink then fails with FileExistsError (seen running `scaling` twice), which must not end
+    the experiment when the link already points at the same stored run."""
+    ctx = Context(name="race", out_root=tmp_path, smoke=True, progress=False)
+    cfg = ctx.train_config(steps=2)
+    first = ctx.train("moe", ctx.base_moe, cfg)
+    link = tmp_path / "race" / "models" / "moe"
+    target = link.readlink()
+    link.unlink()
+    real_symlink_to = Path.symlink_to
+
+    def racing(self: Path, *args: object, **kwargs: object) -> None:
+        real_symlink_to(self, target, target_is_directory=True)  # the other process wins
+        raise FileExistsError(17, "File exists", str(self))
+
+    monkeypatch.setattr(Path, "symlink_to", racing)
+    assert ctx.train("moe", ctx.base_moe, cfg).val_loss == first.val_loss
+    assert link.readlink() == target

@@ -179,7 +179,11 @@ class Context:
                 else:
                     shutil.rmtree(link)
         if not link.exists():
-            link.symlink_to(Path("..", "..", "_models", digest), target_is_directory=True)
+            try:
+                link.symlink_to(Path("..", "..", "_models", digest), target_is_directory=True)
+            except FileExistsError:  # an experiment started beside this one linked it first
+                if link.resolve() != run_dir.resolve():
+                    raise
         train_cfg = dataclasses.replace(train_cfg, out_dir=str(run_dir))
         result_file = run_dir / "result.json"
         # One trainer per stored run: experiments started side by side that need the same model
