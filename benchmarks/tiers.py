@@ -513,10 +513,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
         print(line)
     # Pass 2: the files' pages are now in the page cache and the row caches hold what pass 1
     # left: what the tier costs in software when nothing is read from the device.
-    hits0 = {frac: store.stats()["hits"] for frac, store in stores.items()}
-    lookups0 = {
-        frac: store.stats()["hits"] + store.stats()["misses"] for frac, store in stores.items()
-    }
+    before = {frac: store.stats() for frac, store in stores.items()}
     faults0, read0 = major_faults(), block_reads()
     again = replay()
     print(
@@ -528,10 +525,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
         line = f"  {name:22s} {lookups / sec / 1e6:7.2f} M lookups/s  {ref / sec:5.2f}x of device"
         frac = next((f for f in budgets if name == f"disk, cache {f:.0%}"), None)
         if frac is not None:
-            stats = stores[frac].stats()
-            hits = stats["hits"] - hits0[frac]
-            reads_now = stats["hits"] + stats["misses"] - lookups0[frac]
-            line += f"  row-cache hit rate {hits / reads_now:6.1%}"
+            now, was = stores[frac].stats(), before[frac]
+            hits = now["hits"] - was["hits"]
+            line += f"  row-cache hit rate {hits / (hits + now['misses'] - was['misses']):6.1%}"
         print(line)
 
     import matplotlib

@@ -363,7 +363,7 @@ class OffloadedTable(nn.Module):
         flat, target = self._flat(rows, check=False), self._target(rows)
         hit = self._take_prefetched(flat, target)
         if hit is None:
-            self._flat(rows)  # raises on rows out of range
+            self._check_range(flat)
             self.prefetch_misses += 1
             values = self._gather(flat, pin=target.type == "cuda").to(target, non_blocking=True)
         else:
@@ -380,12 +380,16 @@ class OffloadedTable(nn.Module):
 
     def _flat(self, rows: Tensor, check: bool = True) -> Tensor:
         flat = rows.detach().reshape(-1).to("cpu", torch.int64)  # [n]
-        if check and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_rows):
+        if check:
+            self._check_range(flat)
+        return flat
+
+    def _check_range(self, flat: Tensor) -> None:
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_rows):
             raise IndexError(
                 f"table row out of range [0, {self.num_rows}): got "
                 f"[{int(flat.min())}, {int(flat.max())}]"
             )
-        return flat
 
     def _gather_cached(self, flat: Tensor, target: torch.device) -> Tensor | None:
         """[n] rows gathered at once when the table is served on the CPU and a file store's row
