@@ -28,12 +28,20 @@ from engramlm.compare import dense_iso_flop
 from engramlm.experiments.common import Context
 
 LONG = {"steps": 1200, "warmup_steps": 120, "eval_every": 400}
+NARROW = {"num_experts": 32, "expert_hidden_size": 64, "ffn_hidden_size": 192}
 # name: (MoE field changes, training changes)
 CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "demo": ({}, {}),
     "long": ({}, LONG),  # 4x the steps: each expert sees 4x the tokens
     "long-balanced": ({"moe_bias_update_rate": 1e-2}, LONG),  # faster loss-free balancing
     "long-8x512": ({"num_experts": 8, "expert_hidden_size": 512}, LONG),  # fewer, wider experts
+    # V3's routed scaling: the top-2 gate weights sum to 2, not 1, so the routed experts add up
+    # like the dense model's FFN instead of averaging to one expert's output.
+    "scaled": ({"moe_routed_scale": 2.0}, {}),
+    # Narrow activated FFN (top-2 + 1 shared of width 64, as is the first layer's dense FFN) and
+    # 32 routed experts: the iso-FLOP dense model (FFN 192) is capacity-starved sooner.
+    "narrow": (NARROW, {}),
+    "narrow-scaled": ({**NARROW, "moe_routed_scale": 2.0}, {}),
 }
 MIN_MARGIN = 0.02
 
@@ -78,6 +86,7 @@ def main() -> None:
         clear = len(margins) > 1 and mean > max(MIN_MARGIN, 2 * spread)
         row = {
             "candidate": name,
+            "seeds": list(seeds),
             "moe": moe_changes,
             "train": train_changes,
             "moe_val_loss": moe_losses,
@@ -96,7 +105,11 @@ def main() -> None:
             f"{statistics.fmean(balance):.2f}x the mean: {'clear' if clear else 'not clear'}",
             flush=True,
         )
-    (ctx.out_dir / "results.json").write_text(json.dumps({"seeds": seeds, "rows": rows}, indent=2))
+    # Candidates searched in earlier calls keep their rows (with their own seeds).
+    path = ctx.out_dir / "results.json"
+    earlier = json.loads(path.read_text())["rows"] if path.exists() and not args.smoke else []
+    rows += [r for r in earlier if r["candidate"] not in names]
+    path.write_text(json.dumps({"rows": rows}, indent=2))
     best = next((r for r in rows if r["clear"]), None)
     if best is None:
         print("no candidate gives the MoE a clear margin over the dense model")

@@ -181,6 +181,7 @@ def test_allocate_keeps_total_params_and_top_k() -> None:
         (dict(experts_per_token=2), "experts_per_token"),
         (dict(first_dense_layers=3), "first_dense_layers"),
         (dict(rope_theta=0.0), "rope_theta"),
+        (dict(moe_routed_scale=0.0), "moe_routed_scale"),
         (dict(norm_eps=-1.0), "norm_eps"),
         (dict(hc_mult=0), "hc_mult"),
         (dict(compressed_vocab_size=10_000), "compressed_vocab_size"),
@@ -409,11 +410,14 @@ def test_dense_preset_matches_transformers_llama(tie_embeddings: bool) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def _reference_moe(moe: MoE, x: torch.Tensor, num_shared: int) -> torch.Tensor:
+def _reference_moe(
+    moe: MoE, x: torch.Tensor, num_shared: int, routed_scale: float = 1.0
+) -> torch.Tensor:
     """DeepSeek-V3 routing, one token at a time (arXiv 2412.19437 §2.1.2, 2408.15664):
     s_i = sigmoid(u . e_i); top-k by s_i + b_i (the bias selects only); g_i = s_i / sum of the
-    chosen s; output = sum_i g_i FFN_i(u) + sum over shared experts FFN_s(u). The shared
-    experts are the fused SwiGLU cut back into ``num_shared`` experts of their own."""
+    chosen s, times V3's routed scaling factor; output = sum_i g_i FFN_i(u) + sum over shared
+    experts FFN_s(u). The shared experts are the fused SwiGLU cut back into ``num_shared``
+    experts of their own."""
 
     def swiglu(u: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
         return down @ (F.silu(gate @ u) * (up @ u))
@@ -429,7 +433,7 @@ def _reference_moe(moe: MoE, x: torch.Tensor, num_shared: int) -> torch.Tensor:
         total = sum(float(scores[i]) for i in chosen)
         for i in chosen:
             y = swiglu(u, moe.gate_proj[i], moe.up_proj[i], moe.down_proj[i])
-            out[s] += float(scores[i]) / total * y
+            out[s] += routed_scale * float(scores[i]) / total * y
         for j in range(num_shared):
             cut = slice(j * width, (j + 1) * width)
             out[s] += swiglu(
@@ -441,8 +445,9 @@ def _reference_moe(moe: MoE, x: torch.Tensor, num_shared: int) -> torch.Tensor:
     return out
 
 
-def test_moe_matches_a_per_token_loop() -> None:
-    cfg = ModelConfig.preset("tiny-moe", num_shared_experts=2)
+@pytest.mark.parametrize("routed_scale", [1.0, 2.5])
+def test_moe_matches_a_per_token_loop(routed_scale: float) -> None:
+    cfg = ModelConfig.preset("tiny-moe", num_shared_experts=2, moe_routed_scale=routed_scale)
     torch.manual_seed(0)
     moe = MoE(cfg).eval()
     with torch.no_grad():
@@ -453,7 +458,7 @@ def test_moe_matches_a_per_token_loop() -> None:
     flat = x.reshape(-1, cfg.hidden_size)
     with torch.no_grad():
         got = moe(x).reshape(-1, cfg.hidden_size)
-        want = _reference_moe(moe, flat, cfg.num_shared_experts)
+        want = _reference_moe(moe, flat, cfg.num_shared_experts, routed_scale)
         by_score = torch.topk(torch.sigmoid(flat @ moe.router.weight.T), moe.top_k).indices
         experts, _ = moe.route(flat)
     assert not torch.equal(by_score.sort().values, experts.sort().values)  # the bias selects

@@ -74,11 +74,11 @@ def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, cap
     monkeypatch.setattr(
         sys,
         "argv",
-        ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo,long-8x512"],
+        ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo,narrow-scaled"],
     )
     recipe.main()
     doc = json.loads((tmp_path / "runs/moe_baseline/results.json").read_text())
-    assert [r["candidate"] for r in doc["rows"]] == ["demo", "long-8x512"]
+    assert [r["candidate"] for r in doc["rows"]] == ["demo", "narrow-scaled"]
     for r in doc["rows"]:
         expected = [d - m for d, m in zip(r["dense_val_loss"], r["moe_val_loss"], strict=True)]
         assert r["margin"] == expected and len(expected) == 2

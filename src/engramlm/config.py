@@ -297,6 +297,7 @@ class ModelConfig:
     expert_hidden_size: int = 0  # SwiGLU intermediate of one (routed or shared) expert
     first_dense_layers: int = 1  # leading layers with a dense FFN (paper: 1)
     moe_bias_update_rate: float = 1e-3  # gamma of loss-free balancing
+    moe_routed_scale: float = 1.0  # V3's routed scaling factor: the top-k gate weights sum to it
     rope_theta: float = 10000.0  # RoPE base frequency
     max_seq_len: int = 256  # longest context, in tokens
     norm_eps: float = 1e-6  # RMSNorm epsilon
@@ -350,6 +351,7 @@ class ModelConfig:
                         f"set num_experts >= 1 or {name}=0"
                     )
         _check_float("moe_bias_update_rate", self.moe_bias_update_rate, 0.0, inclusive=True)
+        _check_float("moe_routed_scale", self.moe_routed_scale, 0.0)
         _check_float("rope_theta", self.rope_theta, 0.0)
         _check_int("max_seq_len", self.max_seq_len, 1)
         _check_float("norm_eps", self.norm_eps, 0.0)

@@ -130,6 +130,7 @@ class EngramHFConfig(PreTrainedConfig):
     expert_hidden_size: int = _DEFAULTS.expert_hidden_size
     first_dense_layers: int = _DEFAULTS.first_dense_layers
     moe_bias_update_rate: float = _DEFAULTS.moe_bias_update_rate
+    moe_routed_scale: float = _DEFAULTS.moe_routed_scale
     rope_theta: float = _DEFAULTS.rope_theta
     max_seq_len: int = _DEFAULTS.max_seq_len
     norm_eps: float = _DEFAULTS.norm_eps

@@ -149,7 +149,8 @@ class MoE(nn.Module):
 
     Affinities s_i = sigmoid(u . r_i); the top-k experts are chosen by s_i + b_i, where b is a
     per-expert bias used *only for selection*; the gate weights are the chosen s_i normalised to
-    sum to 1 (V3's routed scaling factor is omitted). Shared experts see every token and are
+    sum to ``moe_routed_scale`` (V3's routed scaling factor, 2.5 there; 1 by default, which
+    makes the routed output a weighted mean of k experts). Shared experts see every token and are
     stored as one SwiGLU of width ``num_shared * expert_hidden_size`` (same parameters and
     FLOPs). After each optimiser step :meth:`update_bias` moves b_i by
     ``rate * sign(mean load - load_i)`` (arXiv 2408.15664), so overloaded experts are picked
@@ -164,6 +165,7 @@ class MoE(nn.Module):
         D, F_e, E = config.hidden_size, config.expert_hidden_size, config.num_experts
         self.num_experts, self.top_k = E, config.experts_per_token
         self.bias_update_rate = config.moe_bias_update_rate
+        self.routed_scale = config.moe_routed_scale
         self.router = nn.Linear(D, E, bias=False)
         # Routed experts stacked as [E, out, in], nn.Linear's layout.
         self.gate_proj = nn.Parameter(torch.empty(E, F_e, D))
@@ -181,6 +183,8 @@ class MoE(nn.Module):
             _, experts = torch.topk(scores + self.expert_bias.float(), self.top_k, dim=-1)
             weights = scores.gather(-1, experts)  # [S, k]
             weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.routed_scale != 1.0:
+                weights = weights * self.routed_scale
         return experts, weights
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, T, D]
