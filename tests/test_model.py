@@ -149,6 +149,19 @@ def test_active_params_count_top_k_experts() -> None:
     assert stats.sparse_params == idle
 
 
+def test_dense_iso_flop_matches_activated_width_and_ignores_routing() -> None:
+    from engramlm.compare import dense_iso_flop
+
+    cfg = dataclasses.replace(CONFIGS["moe"], ffn_hidden_size=96)  # (2 top-k + 1 shared) x 32
+    dense = dense_iso_flop(cfg)
+    assert dense.num_experts == 0 and dense.ffn_hidden_size == 96
+    assert model_stats(dense).flops_per_token == model_stats(cfg).flops_per_token - (
+        2 * (cfg.num_layers - cfg.first_dense_layers) * cfg.hidden_size * cfg.num_experts
+    )  # the routers are the only difference
+    tuned = dataclasses.replace(cfg, moe_routed_scale=2.5, moe_bias_update_rate=1e-2)
+    assert dense_iso_flop(tuned) == dense  # one dense model, however the routing was tuned
+
+
 def test_allocate_rho_one_is_pure_moe() -> None:
     cfg = CONFIGS["moe"]
     assert allocate(cfg, 1.0) == cfg

@@ -68,14 +68,18 @@ OVERRIDES: Schema = {"moe": ModelConfig, "engram": EngramConfig, "rho": float, "
 def dense_iso_flop(moe: ModelConfig) -> ModelConfig:
     """A dense model whose every FFN is as wide as the MoE's activated experts,
     (top-k + shared) x expert width; iso-FLOP exactly when the MoE's leading dense layers have
-    that width too (as in the default)."""
+    that width too (as in the default). The routing fields go back to their defaults: they do
+    nothing without experts, and a dense model is then stored once however they were set."""
     width = (moe.experts_per_token + moe.num_shared_experts) * moe.expert_hidden_size
+    plain = ModelConfig()
     return dataclasses.replace(
         moe,
         num_experts=0,
         experts_per_token=0,
         num_shared_experts=0,
         expert_hidden_size=0,
+        moe_bias_update_rate=plain.moe_bias_update_rate,
+        moe_routed_scale=plain.moe_routed_scale,
         ffn_hidden_size=width,
         first_dense_layers=moe.num_layers,
     )
