@@ -60,31 +60,42 @@ def test_half_storage_reads_what_was_written_rounded(tmp_path: Path, dtype: torc
 
 
 @pytest.mark.parametrize(
-    ("cache_rows", "victim_sample"), [(0, 0), (3, 0), (16, 0), (200, 0), (64, 16)]
+    ("cache_rows", "victim_sample", "reader_min"),
+    [(0, 0, 0), (3, 0, 0), (16, 0, 0), (200, 0, 0), (64, 16, 0), (0, 0, 8), (40, 0, 8)],
 )
 def test_reads_return_last_write_whatever_the_cache_size(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_rows: int, victim_sample: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cache_rows: int,
+    victim_sample: int,
+    reader_min: int,
 ) -> None:
-    """Property-style: random batches (some larger than the cache) against a numpy reference.
+    """Property-style: random batches (some larger than the cache, some large enough for the
+    torch row moves) against a numpy reference; reads with duplicates, and sorted distinct ones
+    (what the offloaded table asks for).
 
-    ``victim_sample`` > 0 shrinks the threshold above which victims come from a random sample.
+    ``victim_sample`` > 0 shrinks the threshold above which victims come from a random sample;
+    ``reader_min`` > 0 the one above which misses go to the pool of readers.
     """
     if victim_sample:
         monkeypatch.setattr(disk, "_VICTIM_SAMPLE", victim_sample)
-    num_rows, rng = 120, np.random.default_rng(cache_rows)
+    if reader_min:
+        monkeypatch.setattr(disk, "_READER_MIN_ROWS", reader_min)
+    num_rows, rng = 400, np.random.default_rng(cache_rows + reader_min)
     reference = np.zeros((num_rows, DIM), dtype=np.float32)
     store = DiskStore.create(tmp_path / "t", num_rows, DIM, cache_bytes=cache_rows * _row_cost())
     assert store.capacity == cache_rows
     zipf = np.minimum(rng.zipf(1.3, size=100_000), num_rows) - 1  # skewed, like n-gram traffic
     for step in range(300):
-        n = int(rng.integers(1, 40))
+        n = int(rng.integers(1, 40 if step % 3 else 200))
         rows = np.unique(rng.choice(zipf, size=n))
         if rng.random() < 0.5:
             values = rng.standard_normal((len(rows), DIM)).astype(np.float32)
             store.write(torch.from_numpy(rows), torch.from_numpy(values))
             reference[rows] = values
         else:
-            rows = rng.choice(zipf, size=n)  # duplicates allowed on reads
+            if rng.random() < 0.5:
+                rows = rng.choice(zipf, size=n)  # duplicates allowed on reads
             got = store.read(torch.from_numpy(rows)).numpy()
             np.testing.assert_array_equal(got, reference[rows], err_msg=f"step {step}")
         if step % 97 == 96:

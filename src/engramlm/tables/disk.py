@@ -100,9 +100,33 @@ _VICTIM_SAMPLE = 1 << 16
 _IN_PLACE_CHUNK_BYTES = 64 << 20
 _READERS = 64  # concurrent row readers for cache misses (see DiskStore._read_file_rows)
 _READER_MIN_ROWS = 256  # fewer misses than this per reader are read inline
+# Missed rows read inline while their pages are resident (DiskStore._read_file_rows): a chunk
+# of rows that copies slower than this per row had to wait for the device.
+_PROBE_ROWS, _MAX_INLINE_CHUNK, _RESIDENT_ROW_SECONDS = 64, 4096, 2e-6
 _PAGE = mmap.PAGESIZE  # what one missed row costs to read (the maps are MADV_RANDOM)
 _PENDING_ROWS = 8192  # full-hit reads queued before they are counted (DiskStore._read_hits)
 _JOURNAL_CHECKPOINT_BYTES = 256 << 20
+# From this many rows on, rows are moved by torch (``index_select`` / ``index_copy_``), below by
+# numpy's fancy indexing, whose per-call cost is lower but which copies 1 KB rows 3-4x slower
+# (warm page cache, 20,841 rows a batch: 126 ms a pass against 359 ms; docs/benchmarks.md).
+_TORCH_ROWS = 64
+
+
+def _take(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``rows[index]`` for a 2-D array (a memory map too): a new [len(index), width] array."""
+    if len(index) < _TORCH_ROWS:
+        return rows[index]
+    return torch.index_select(torch.from_numpy(rows), 0, torch.from_numpy(index)).numpy()
+
+
+def _put(rows: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """``rows[index] = values`` for a 2-D array and [n] distinct int64 ``index``."""
+    if len(index) < _TORCH_ROWS:
+        rows[index] = values
+        return
+    torch.from_numpy(rows).index_copy_(
+        0, torch.from_numpy(index), torch.from_numpy(np.ascontiguousarray(values))
+    )
 
 
 def _fault_hook(stage: str) -> None:
@@ -431,6 +455,12 @@ class DiskStore:
     so recency is kept per batch of such reads: our simplification of TinyLFU's per-access
     recency, for a 1.8x cheaper hit path.
 
+    With ``cache_bytes=0`` there is no row cache and no bookkeeping: reads copy rows straight
+    from the file's pages, and the kernel's page cache is the only cache. That is the fastest
+    tier when the file fits in the page cache (a warm pass over real ids: 10-25x the cached
+    store's lookups/s, docs/benchmarks.md); the row cache wins when it does not, as it keeps
+    rows, not the 4 KB pages around them, and admits by frequency.
+
     The cache is write-back: writes land in the cache (dirty) and reach the file, through the
     journal, when their row is evicted, when the write is not admitted, or at :meth:`flush`.
     Reads always return what was last written (rounded to the storage dtype: with a bfloat16
@@ -734,10 +764,22 @@ class DiskStore:
         no file); else None, and nothing is counted or changed."""
         return self._read(rows, only_cached=True)
 
+    @property
+    def wants_distinct_reads(self) -> bool:
+        """Whether a read should name each row once (the offloaded table then finds the
+        repeats): true with a row cache, whose bookkeeping is per row asked for; without one
+        (``cache_bytes=0``) rows are copied straight from the file's pages, repeats and all."""
+        return self.capacity > 0
+
     def _read(self, rows: Tensor, *, only_cached: bool) -> Tensor | None:
         r = self._check_rows(rows)
         with self._lock:
             self._check_open()
+            if self.capacity == 0:  # no row cache: the kernel's page cache is the only one
+                if only_cached:
+                    return None
+                self._stats["misses"] += len(r)
+                return torch.from_numpy(self._from_storage(self._read_file_rows(r)))
             slots = self._find(r)
             if not bool((slots < 0).any()):
                 return torch.from_numpy(self._read_hits(r, slots))
@@ -745,18 +787,29 @@ class DiskStore:
                 return None
             freq, hit, hit_slots = self._access(r, slots)
             out = np.empty((len(r), self.dim), dtype=np.float32)
-            cached = self._slot_data[hit_slots]
-            out[hit] = self._from_storage(cached) if self._cache_packed else cached
+            cached = _take(self._slot_data, hit_slots)
+            _put(
+                out,
+                np.flatnonzero(hit),
+                self._from_storage(cached) if self._cache_packed else cached,
+            )
             miss = np.flatnonzero(~hit)
             self._stats["hits"] += len(hit_slots)
             self._stats["misses"] += len(miss)
             if len(miss):
-                missed, first, inverse = np.unique(r[miss], return_index=True, return_inverse=True)
+                missed = r[miss]
+                if len(missed) > 1 and bool((missed[1:] > missed[:-1]).all()):
+                    first = inverse = None  # sorted and distinct already (the offloaded table's)
+                else:
+                    missed, first, inverse = np.unique(
+                        missed, return_index=True, return_inverse=True
+                    )
                 stored = self._read_file_rows(missed)
                 values = self._from_storage(stored)
-                out[miss] = values[inverse]
+                _put(out, miss, values if inverse is None else _take(values, inverse))
                 slot_values = stored if self._cache_packed else values
-                self._install(missed, slot_values, freq[miss][first], hit_slots, dirty=False)
+                missed_freq = freq[miss] if first is None else freq[miss][first]
+                self._install(missed, slot_values, missed_freq, hit_slots, dirty=False)
         return torch.from_numpy(out)
 
     def _read_hits(self, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -769,7 +822,7 @@ class DiskStore:
         the cache policy's state (a read with misses, a write, eviction) and every
         ``_PENDING_ROWS`` rows. Counts are the same (a row hit by k reads gains k, capped);
         recency is kept per settle rather than per read."""
-        cached = self._slot_data[slots]
+        cached = _take(self._slot_data, slots)
         self._stats["hits"] += len(rows)
         self._pending_rows.append(rows)
         self._pending_slots.append(slots)
@@ -922,18 +975,43 @@ class DiskStore:
         waits for reads already in flight: 90 cold rows in 1.2 ms, against 2.1 ms over the
         reader pool and 5.6 ms by faults alone (500 rows: 6.1 / 9.3 / 29.8 ms; 2,000 rows:
         19.8 / 21.4 / 102 ms; ``benchmarks/tiers.py reads``, docs/benchmarks.md).
-        Above that, on fp32 stores (training's large batches of misses), a pool of readers
-        keeps ``_READERS`` faults outstanding; numpy releases the GIL while it copies.
+        Above that, on fp32 and bf16 stores (training's large batches of misses), the rows are
+        read inline, in timed chunks (64 rows, then 4x larger up to 4,096), while their pages
+        are in the page cache (a chunk copies at < 2 us a row); from the first chunk that had
+        to wait for the device, the rest goes to a pool of readers that keeps ``_READERS``
+        faults outstanding (``torch.index_select`` releases the GIL while it copies, and copies
+        rows 3-4x faster than numpy's fancy indexing on a map). Inline, a warm file costs no
+        thread handoffs (the pool made the warm pass 2.5x slower); a cold one pays one serial
+        chunk of 64 faults (~3 ms). A chunk with under ~4% of its rows on the device passes
+        for resident: mixed files read those few rows one fault at a time.
         """
         if len(rows) < 2 * _READER_MIN_ROWS or self.dtype == fp8.FP8:
             self._advise_willneed(rows)
-            return self._mm[rows]
+            return _take(self._mm, rows)
         out = np.empty((len(rows), self._width), dtype=self._np_dtype)
-        bounds = np.linspace(0, len(rows), min(_READERS, len(rows) // _READER_MIN_ROWS) + 1)
+        file, index, into = (
+            torch.from_numpy(self._mm),
+            torch.from_numpy(rows),
+            torch.from_numpy(out),
+        )
+        done, chunk = 0, _PROBE_ROWS
+        while done < len(rows):
+            stop = min(len(rows), done + chunk)
+            start_time = time.perf_counter()
+            torch.index_select(file, 0, index[done:stop], out=into[done:stop])
+            waited = time.perf_counter() - start_time > (stop - done) * _RESIDENT_ROW_SECONDS
+            done, chunk = stop, min(4 * chunk, _MAX_INLINE_CHUNK)
+            if waited:
+                break
+        if done == len(rows):
+            return out
+        bounds = np.linspace(
+            done, len(rows), max(1, min(_READERS, (len(rows) - done) // _READER_MIN_ROWS)) + 1
+        )
         spans = list(zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True))
 
-        def read(span: tuple[int, int]) -> None:
-            out[span[0] : span[1]] = self._mm[rows[span[0] : span[1]]]
+        def read(span: tuple[int, int]) -> None:  # torch releases the GIL while it copies
+            torch.index_select(file, 0, index[span[0] : span[1]], out=into[span[0] : span[1]])
 
         list(_reader_pool().map(read, spans))
         return out
@@ -1121,7 +1199,7 @@ class DiskStore:
             back_values.append(values[rejected])
         self._index_update(self._slot_row[evicted], rows[admitted], slots)
         self._slot_row[slots] = rows[admitted]
-        self._slot_data[slots] = values[admitted]
+        _put(self._slot_data, slots, _take(values, admitted))
         self._slot_dirty[slots] = dirty
         self._slot_freq[slots] = freq[admitted]
         self._slot_tick[slots] = self._tick

@@ -409,10 +409,12 @@ class OffloadedTable(nn.Module):
         return self.device if self.device is not None else rows.device
 
     def _gather(self, flat: Tensor, *, pin: bool) -> Tensor:  # [n] -> [n, dim] CPU
-        if not isinstance(self.weight_store, FileRowStore):
-            # In memory a repeated row costs one more copy, less than finding the repeats: the
-            # sort behind unique made the host tier 0.22x of F.embedding on real ids (4.3 M vs
-            # 19 M lookups/s, benchmarks/tiers.py cache at 2e5 rows).
+        store = self.weight_store
+        if not isinstance(store, FileRowStore) or not getattr(store, "wants_distinct_reads", True):
+            # In memory (or straight from a file's pages) a repeated row costs one more copy,
+            # less than finding the repeats: the sort behind unique made the host tier 0.22x of
+            # F.embedding on real ids (4.3 M vs 19 M lookups/s, benchmarks/tiers.py cache at
+            # 2e5 rows).
             if not pin:
                 return self.weight_store.read(flat)
             out = torch.empty(len(flat), self.dim, device="cpu", pin_memory=True)
