@@ -520,3 +520,36 @@ def test_full_hit_reads_are_counted_before_the_next_cache_decision(tmp_path: Pat
     assert store._pending == 0 and (uses() == 5).all()
     assert store.stats()["hits"] == 12 and store.stats()["misses"] == 1
     store.close()
+
+
+@pytest.mark.parametrize("resident_row_seconds", [0.0, float("inf")])
+def test_large_misses_go_to_the_readers_only_after_a_chunk_waited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resident_row_seconds: float
+) -> None:
+    """Misses past the inline threshold are read inline in timed chunks; the first chunk that
+    took longer than a resident page would hands the rest to the pool of readers. Forced both
+    ways (every chunk 'waited' / none did): the same rows, and the pool used or not."""
+    monkeypatch.setattr(disk, "_RESIDENT_ROW_SECONDS", resident_row_seconds)
+    monkeypatch.setattr(disk, "_READER_MIN_ROWS", 16)
+    num_rows = 3000
+    values = torch.randn(num_rows, DIM)
+    store = DiskStore.create(tmp_path / "t", num_rows, DIM, cache_bytes=0)
+    store.write_range(0, values)
+    spans: list[tuple[int, int]] = []
+    pool = disk._reader_pool()
+
+    class Counting:
+        def map(self, fn, items):  # type: ignore[no-untyped-def]
+            items = list(items)
+            spans.extend(items)
+            return pool.map(fn, items)
+
+    monkeypatch.setattr(disk, "_reader_pool", lambda: Counting())
+    rows = torch.from_numpy(np.random.default_rng(0).integers(0, num_rows, size=2000))
+    torch.testing.assert_close(store.read(rows), values[rows], rtol=0, atol=0)
+    if resident_row_seconds == 0.0:  # the first chunk (64 rows) read inline, the rest pooled
+        assert spans[0][0] == disk._PROBE_ROWS and spans[-1][1] == len(rows)
+        assert len(spans) == min(disk._READERS, (len(rows) - disk._PROBE_ROWS) // 16)
+    else:
+        assert spans == []
+    store.close()
