@@ -6,14 +6,19 @@ partly measures idle experts. This trains the MoE and its iso-FLOP dense model (
 activated FFN width, ``compare.dense_iso_flop``) for a few candidate settings, at several
 seeds, and reports the margin dense - MoE with its seed spread and the routing balance
 (busiest expert / mean, last step). A setting is *clear* when the mean margin exceeds both
-0.02 nats and twice the seeds' standard deviation of the margin. For the first clear one it
-prints the allocation sweep to run there.
+0.02 nats and twice the seeds' standard deviation of the margin.
+
+``--sweep`` then runs the allocation experiment (``engramlm experiment allocation``, same
+seeds) at the first clear setting, or ``--sweep-at NAME`` at a named one, with its results in
+``runs/moe_baseline_sweep/allocation/`` (not the main experiment's folder or page), and writes
+``docs/moe_baseline.md``: the search's table and the sweep's section.
 
 Runs are stored like the experiments' (``runs/_models/<digest>``, shared and resumable), so an
 interrupted search resumes and the allocation sweep reuses the rho = 1 MoE. Budget: each model
 of the demo's size takes ~3.3 min per 300 steps on 2 idle CPU cores.
 
     .venv/bin/python recipes/moe_baseline.py [--seeds 0,1,2] [--candidates demo,long] [--smoke]
+        [--sweep | --sweep-at NAME] [--page docs/moe_baseline.md]
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
+from pathlib import Path
 from typing import Any
 
 from engramlm.compare import dense_iso_flop
+from engramlm.experiments import allocation
 from engramlm.experiments.common import Context
 
 LONG = {"steps": 1200, "warmup_steps": 120, "eval_every": 400}
@@ -58,7 +66,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--smoke", action="store_true", help="CI size: seconds, no findings")
+    parser.add_argument(
+        "--sweep", action="store_true", help="then the allocation sweep at the first clear one"
+    )
+    parser.add_argument("--sweep-at", default=None, help="the allocation sweep at this candidate")
+    parser.add_argument("--page", default="docs/moe_baseline.md", help="written after a sweep")
     args = parser.parse_args()
+    if args.sweep_at is not None and args.sweep_at not in args.candidates.split(","):
+        parser.error(f"--sweep-at {args.sweep_at}: not among --candidates {args.candidates}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     names = args.candidates.split(",")
     unknown = sorted(set(names) - set(CANDIDATES))
@@ -70,7 +85,8 @@ def main() -> None:
         moe_changes, train_changes = CANDIDATES[name]
         if args.smoke:
             train_changes = {}
-        moe = dataclasses.replace(ctx.base_moe, vocab_size=ctx.corpus.vocab_size, **moe_changes)
+        # As the allocation experiment builds its rho = 1 model (same digest: the sweep reuses it)
+        moe = dataclasses.replace(ctx.base_moe, **moe_changes)
         dense = dense_iso_flop(moe)
         margins, moe_losses, dense_losses, balance = [], [], [], []
         for seed in seeds:
@@ -113,13 +129,66 @@ def main() -> None:
     best = next((r for r in rows if r["clear"]), None)
     if best is None:
         print("no candidate gives the MoE a clear margin over the dense model")
+    else:
+        print(f"first clear setting: {best['candidate']}")
+    at = next(r for r in rows if r["candidate"] == args.sweep_at) if args.sweep_at else best
+    if not (args.sweep or args.sweep_at) or at is None:
         return
-    flags = [f"--moe.{k}={v}" for k, v in best["moe"].items()]
-    flags += [f"--train.{k}={v}" for k, v in best["train"].items()]
-    print(
-        f"first clear setting: {best['candidate']}. Allocation sweep there:\n"
-        f"  engramlm experiment allocation --seeds {','.join(map(str, seeds))} {' '.join(flags)}"
+    sweep = Context(
+        name="allocation",
+        out_root=ctx.out_root / "moe_baseline_sweep",
+        seeds=seeds,
+        smoke=args.smoke,
+        settings={"moe": at["moe"], "train": {} if args.smoke else at["train"]},
+        models_root=ctx.models_root,  # the search's MoE is the sweep's rho = 1
     )
+    flags = [f"--moe.{k}={v}" for k, v in at["moe"].items()]
+    flags += [f"--train.{k}={v}" for k, v in at["train"].items()]
+    sweep.save_results(allocation.run(sweep))
+    doc = json.loads((sweep.out_dir / "results.json").read_text())
+    doc["command"] = (
+        f"python recipes/moe_baseline.py --seeds {args.seeds} --sweep-at {at['candidate']} "
+        f"(= engramlm experiment allocation --seeds {args.seeds} {' '.join(flags)})"
+    )
+    page = Path(args.page) if not args.smoke else sweep.out_dir / "moe_baseline.md"
+    write_page(page, rows, at, doc, sweep.out_dir)
+    print(f"allocation sweep at {at['candidate']}: {page}")
+
+
+def write_page(
+    page: Path, rows: list[dict[str, Any]], at: dict[str, Any], doc: dict[str, Any], plots: Path
+) -> None:
+    """docs/moe_baseline.md: the search's table, then the sweep's section and plot."""
+    img = page.parent / "img" / "moe_baseline"
+    img.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# A baseline that earns its parameters (issue 12, item 7)",
+        "",
+        "Written by `python recipes/moe_baseline.py`. Each candidate trains the MoE and the dense",
+        "model with the same activated FFN width (`compare.dense_iso_flop`) at every seed; the",
+        f"margin is dense - MoE (positive: the MoE is better). *Clear*: mean margin > {MIN_MARGIN}",
+        "nats and > twice its seed standard deviation.",
+        "",
+        "| candidate | MoE changes | training changes | seeds | MoE val loss | dense val loss "
+        "| margin (mean ± sd) | busiest expert / mean | clear |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['candidate']} | {r['moe'] or '-'} | {r['train'] or '-'} | "
+            f"{r.get('seeds', '?')} | {' / '.join(f'{x:.4f}' for x in r['moe_val_loss'])} | "
+            f"{' / '.join(f'{x:.4f}' for x in r['dense_val_loss'])} | "
+            f"{r['margin_mean']:+.4f} ± {r['margin_sd']:.4f} | "
+            f"{statistics.fmean(r['imbalance']):.2f} | {'yes' if r['clear'] else 'no'} |"
+        )
+    heading, _, body = allocation.report(doc).partition("\n")
+    assert heading.startswith("## "), heading
+    section = f"## Allocation sweep at {at['candidate']}\n{body}"
+    for path in sorted(plots.glob("*.png")):
+        shutil.copyfile(path, img / path.name)
+        section += f"\n![{path.stem}](img/moe_baseline/{path.name})\n"
+    lines.append(section)
+    page.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,16 @@ def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, cap
     monkeypatch.setattr(
         sys,
         "argv",
-        ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo,narrow-scaled"],
+        [
+            "moe_baseline",
+            "--smoke",
+            "--seeds",
+            "0,1",
+            "--candidates",
+            "demo,narrow-scaled",
+            "--sweep-at",
+            "narrow-scaled",
+        ],
     )
     recipe.main()
     doc = json.loads((tmp_path / "runs/moe_baseline/results.json").read_text())
@@ -84,6 +93,19 @@ def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, cap
         assert r["margin"] == expected and len(expected) == 2
         assert all(math.isfinite(x) and x >= 1.0 for x in r["imbalance"])
     assert "margin" in capsys.readouterr().out
+    # The sweep ran the allocation experiment at that setting, its rho = 1 the search's MoE.
+    sweep = tmp_path / "runs/moe_baseline_sweep/allocation"
+    result = json.loads((sweep / "results.json").read_text())
+    assert result["settings"]["moe"] == {
+        "num_experts": 32,
+        "expert_hidden_size": 64,
+        "ffn_hidden_size": 192,
+        "moe_routed_scale": 2.0,
+    }
+    moe_run = (tmp_path / "runs/moe_baseline/models/narrow-scaled-moe-seed0").resolve()
+    assert (sweep / "models/rho1_seed0").resolve() == moe_run
+    page = (sweep / "moe_baseline.md").read_text()
+    assert "## Allocation sweep at narrow-scaled" in page and "| narrow-scaled |" in page
 
 
 def _load_script(path: Path, name: str):

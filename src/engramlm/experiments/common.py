@@ -91,6 +91,9 @@ class Context:
     # Field overrides of the base configs: {"moe": {...}, "engram": {...}, "train": {...}}
     # (the CLI's --moe.hidden_size=512 --train.steps=600 ...).
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Where trained runs are stored; None = <out_root>/_models. A recipe that writes its results
+    # elsewhere can still share the experiments' runs by pointing this at runs/_models.
+    models_root: Path | None = None
     started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -106,6 +109,7 @@ class Context:
             )
         _ = self.base_moe, self.base_engram, self.train_config()  # invalid overrides fail now
         self.out_root = Path(self.out_root)
+        self.models_root = Path(self.models_root or self.out_root / "_models")
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -157,7 +161,7 @@ class Context:
     ) -> TrainResult:
         """Train ``model_cfg``, reachable as ``models/<key>``: cached, resumed when cut off.
 
-        Runs are stored once per configuration under ``<out_root>/_models/<digest>`` (digest of
+        Runs are stored once per configuration under ``<models_root>/<digest>`` (digest of
         the model and training configs), and ``models/<key>`` links there, so experiments that
         train the same model (the allocation sweep's rho = 1 and the analyses' MoE, say) share
         it. A finished run is read back; one with checkpoints but no result resumes; a run being
@@ -169,9 +173,10 @@ class Context:
         wanted["train"].pop("out_dir", None)
         wanted["behaviour"] = BEHAVIOUR_VERSION
         digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
-        run_dir = self.out_root / "_models" / digest
+        run_dir = self.models_root / digest
         link = self.out_dir / "models" / key
         link.parent.mkdir(parents=True, exist_ok=True)
+        target = Path(os.path.relpath(run_dir, link.parent))  # ../../_models/<digest> by default
         if link.is_symlink() or link.exists():
             if link.resolve() != run_dir.resolve():
                 if link.is_symlink() or link.is_file():
@@ -180,7 +185,7 @@ class Context:
                     shutil.rmtree(link)
         if not link.exists():
             try:
-                link.symlink_to(Path("..", "..", "_models", digest), target_is_directory=True)
+                link.symlink_to(target, target_is_directory=True)
             except FileExistsError:  # an experiment started beside this one linked it first
                 if link.resolve() != run_dir.resolve():
                     raise
