@@ -92,6 +92,7 @@ _RECORD_MAGIC = b"ENGJRNL1"
 # Cache bookkeeping per cached row besides its float32 values: slot row id, sorted index key and
 # slot (8 + 8 + 8), last-use tick (8), dirty flag and frequency (1 + 1), sketch share (<= 32).
 _ROW_OVERHEAD_BYTES = 72
+_KEY_BYTES = 16  # of which the sorted index of cached ids (none with a direct map)
 # Above this many cached rows, victims are chosen from a random sample (as Redis' approximate
 # LFU does) instead of a full partition, so eviction cost does not grow with the cache.
 _VICTIM_SAMPLE = 1 << 16
@@ -457,7 +458,7 @@ class DiskStore:
 
     With ``cache_bytes=0`` there is no row cache and no bookkeeping: reads copy rows straight
     from the file's pages, and the kernel's page cache is the only cache. That is the fastest
-    tier when the file fits in the page cache (a warm pass over real ids: 10-25x the cached
+    tier when the file fits in the page cache (a warm pass over real ids: 2-6x the row-cached
     store's lookups/s, docs/benchmarks.md); the row cache wins when it does not, as it keeps
     rows, not the 4 KB pages around them, and admits by frequency.
 
@@ -508,6 +509,18 @@ class DiskStore:
         self._cache_packed = self.dtype == fp8.FP8
         self._slot_bytes = self._row_bytes if self._cache_packed else 4 * self.dim
         self.capacity = max(0, cache_bytes) // (self._slot_bytes + _ROW_OVERHEAD_BYTES)
+        # Which slot holds a row: a sorted array of the cached ids (16 of a cached row's
+        # overhead bytes), searched per batch, or - when it is the smaller of the two, i.e. the
+        # cache holds over a quarter of the table's rows - a direct map, row id -> slot (4 bytes
+        # per table row, taken from the budget): one lookup per row instead of a binary search
+        # over the cache (a warm replay with every row cached: 3.9 -> 9.5 M lookups/s at a 3.2M
+        # row cache; docs/benchmarks.md, goal 3).
+        self._slot_of: np.ndarray | None = None
+        if 0 < 4 * self.num_rows <= _KEY_BYTES * self.capacity:
+            self.capacity = (cache_bytes - 4 * self.num_rows) // (
+                self._slot_bytes + _ROW_OVERHEAD_BYTES - _KEY_BYTES
+            )
+            self._slot_of = np.full(self.num_rows, -1, dtype=np.int32)
         self._slot_row = np.full(self.capacity, -1, dtype=np.int64)
         self._slot_data = (
             np.zeros((self.capacity, self._width), dtype=np.uint8)
@@ -518,7 +531,7 @@ class DiskStore:
         self._slot_freq = np.zeros(self.capacity, dtype=np.uint8)
         self._slot_tick = np.zeros(self.capacity, dtype=np.int64)
         self._used = 0  # slots [0, used) hold rows; a slot is only freed to be refilled at once
-        self._keys = np.empty(0, dtype=np.int64)  # cached row ids, sorted
+        self._keys = np.empty(0, dtype=np.int64)  # cached row ids, sorted (without _slot_of)
         self._key_slots = np.empty(0, dtype=np.int64)  # their slots
         self._sketch = FrequencySketch(self.capacity)
         self._rng = np.random.default_rng(0)
@@ -1110,6 +1123,8 @@ class DiskStore:
         self._used = 0
         self._keys = np.empty(0, dtype=np.int64)
         self._key_slots = np.empty(0, dtype=np.int64)
+        if self._slot_of is not None:
+            self._slot_of[:] = -1
         self._sketch = FrequencySketch(self.capacity)
         self._pending_rows, self._pending_slots, self._pending = [], [], 0
 
@@ -1169,6 +1184,8 @@ class DiskStore:
         return freq
 
     def _find(self, rows: np.ndarray) -> np.ndarray:  # [n] ids -> [n] slots, -1 when not cached
+        if self._slot_of is not None:
+            return self._slot_of[rows].astype(np.int64)
         if len(self._keys) == 0:
             return np.full(len(rows), -1, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self._keys, rows), len(self._keys) - 1)
@@ -1256,7 +1273,12 @@ class DiskStore:
         return pool[np.argsort(score, kind="stable")]
 
     def _index_update(self, removed: np.ndarray, added: np.ndarray, slots: np.ndarray) -> None:
-        """Keep ``_keys`` (sorted cached ids) and ``_key_slots`` in step: O(cache) array moves."""
+        """Keep ``_slot_of`` (O(batch)), or ``_keys`` (sorted cached ids) and ``_key_slots``
+        (O(cache) array moves), in step."""
+        if self._slot_of is not None:
+            self._slot_of[removed] = -1
+            self._slot_of[added] = slots
+            return
         keys, key_slots = self._keys, self._key_slots
         if len(removed):
             keep = np.ones(len(keys), dtype=bool)
