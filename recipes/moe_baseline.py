@@ -33,7 +33,7 @@ from typing import Any
 
 from engramlm.compare import dense_iso_flop
 from engramlm.experiments import allocation
-from engramlm.experiments.common import Context
+from engramlm.experiments.common import Context, machine
 
 LONG = {"steps": 1200, "warmup_steps": 120, "eval_every": 400}
 NARROW = {"num_experts": 32, "expert_hidden_size": 64, "ffn_hidden_size": 192}
@@ -134,8 +134,11 @@ def main() -> None:
         print("no candidate gives the MoE a clear margin over the dense model")
     else:
         print(f"first clear setting: {best['candidate']}")
+    page = Path(args.page) if not args.smoke else ctx.out_dir / "moe_baseline.md"
     at = next(r for r in rows if r["candidate"] == args.sweep_at) if args.sweep_at else best
     if not (args.sweep or args.sweep_at) or at is None:
+        write_page(page, rows, machine=machine())
+        print(f"search table: {page}")
         return
     sweep = Context(
         name="allocation",
@@ -153,24 +156,28 @@ def main() -> None:
         f"python recipes/moe_baseline.py --seeds {args.seeds} --sweep-at {at['candidate']} "
         f"(= engramlm experiment allocation --seeds {args.seeds} {' '.join(flags)})"
     )
-    page = Path(args.page) if not args.smoke else sweep.out_dir / "moe_baseline.md"
-    write_page(page, rows, at, doc, sweep.out_dir)
+    write_page(page, rows, machine=doc["machine"], sweep=(at, doc, sweep.out_dir))
     print(f"allocation sweep at {at['candidate']}: {page}")
 
 
 def write_page(
-    page: Path, rows: list[dict[str, Any]], at: dict[str, Any], doc: dict[str, Any], plots: Path
+    page: Path,
+    rows: list[dict[str, Any]],
+    *,
+    machine: str,
+    sweep: tuple[dict[str, Any], dict[str, Any], Path] | None = None,
 ) -> None:
-    """docs/moe_baseline.md: the search's table, then the sweep's section and plot."""
-    img = page.parent / "img" / "moe_baseline"
-    img.mkdir(parents=True, exist_ok=True)
+    """docs/moe_baseline.md: the search's table, then (``sweep``: the candidate, the allocation
+    experiment's results and their folder) the sweep's section and plot."""
     lines = [
         "# A baseline that earns its parameters (issue 12, item 7)",
         "",
-        "Written by `python recipes/moe_baseline.py`. Each candidate trains the MoE and the dense",
-        "model with the same activated FFN width (`compare.dense_iso_flop`) at every seed; the",
-        f"margin is dense - MoE (positive: the MoE is better). *Clear*: mean margin > {MIN_MARGIN}",
-        "nats and > twice its seed standard deviation.",
+        "Written by `python recipes/moe_baseline.py` (every candidate searched so far; machine:",
+        f"{machine}, 1 thread per run). Each candidate trains the MoE and the dense model with the",
+        "same activated FFN width (`compare.dense_iso_flop`) at every seed; the margin is dense -",
+        f"MoE (positive: the MoE is better). *Clear*: mean margin > {MIN_MARGIN} nats and > twice",
+        "its seed standard deviation. Busiest expert: the most loaded routed expert over the mean",
+        "at the last training step, worst MoE layer.",
         "",
         "| candidate | MoE changes | training changes | seeds | MoE val loss | dense val loss "
         "| margin (mean ± sd) | busiest expert / mean | clear |",
@@ -184,6 +191,19 @@ def write_page(
             f"{r['margin_mean']:+.4f} ± {r['margin_sd']:.4f} | "
             f"{statistics.fmean(r['imbalance']):.2f} | {'yes' if r['clear'] else 'no'} |"
         )
+    lines.append("")
+    if sweep is None:
+        clear = [r["candidate"] for r in rows if r["clear"]]
+        lines.append(
+            f"Clear: {', '.join(clear)}; `--sweep` runs the allocation sweep at the first."
+            if clear
+            else "No candidate is clear, so no allocation sweep yet."
+        )
+        page.write_text("\n".join(lines) + "\n")
+        return
+    at, doc, plots = sweep
+    img = page.parent / "img" / "moe_baseline"
+    img.mkdir(parents=True, exist_ok=True)
     heading, _, body = allocation.report(doc).partition("\n")
     assert heading.startswith("## "), heading
     section = f"## Allocation sweep at {at['candidate']}\n{body}"

@@ -104,8 +104,17 @@ def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, cap
     }
     moe_run = (tmp_path / "runs/moe_baseline/models/narrow-scaled-moe-seed0").resolve()
     assert (sweep / "models/rho1_seed0").resolve() == moe_run
-    page = (sweep / "moe_baseline.md").read_text()
+    page = (tmp_path / "runs/moe_baseline/moe_baseline.md").read_text()
     assert "## Allocation sweep at narrow-scaled" in page and "| narrow-scaled |" in page
+    # Without a sweep the page holds the search's table and says whether one could run.
+    monkeypatch.setattr(sys, "argv", ["moe_baseline", "--smoke", "--seeds", "0,1"])
+    recipe.main()
+    page = (tmp_path / "runs/moe_baseline/moe_baseline.md").read_text()
+    assert "## Allocation sweep" not in page and "| long-8x512 |" in page
+    last = page.strip().splitlines()[-1]
+    assert (
+        last.startswith("Clear: ") or last == "No candidate is clear, so no allocation sweep yet."
+    )
 
 
 def _load_script(path: Path, name: str):
