@@ -67,6 +67,7 @@ from engramlm.tables import (  # noqa: E402
 )
 from engramlm.tables.base import TABLE_INIT_STD  # noqa: E402
 from engramlm.tables.disk import DATA_OFFSET  # noqa: E402
+from engramlm.tables.hugepages import huge_page_share  # noqa: E402
 from engramlm.tables.offload import row_chunks  # noqa: E402
 from engramlm.train import TrainConfig, _bind_vocab, build_optimizers  # noqa: E402
 
@@ -474,6 +475,17 @@ def cmd_cache(args: argparse.Namespace) -> None:
         f"batch looked up in every table in turn; page cache of the disk files dropped first; "
         f"{major_faults() - faults0:,} major page faults, "
         f"{(block_reads() - read0) / GB:.2f} GB read from the block device in the pass"
+    )
+    shares = {
+        name: huge_page_share(tensor)
+        for name, tensor in (("device", device.weight), ("host", memory.data))
+    }
+    print(
+        "  in-memory tables backed by huge pages: "
+        + ", ".join(
+            f"{name} {'?' if share is None else f'{share:.0%}'}" for name, share in shares.items()
+        )
+        + " (tables/hugepages.py: advised, granted only where the kernel has free 2 MB blocks)"
     )
     ceiling = 1 - ever / reads
     print(f"  hit-rate ceiling of any cache on this stream (1 - first uses / reads): {ceiling:.1%}")

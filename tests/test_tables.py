@@ -825,3 +825,28 @@ def test_in_memory_tables_are_backed_by_huge_pages() -> None:
     use_huge_pages(plain)
     assert torch.equal(plain, before)
     assert not use_huge_pages(torch.zeros(1000))  # under 2 MB: left alone
+
+
+def test_huge_page_share_counts_the_mappings_a_tensor_spans() -> None:
+    """From smaps text: a tensor over the end of one mapping and the start of the next gets
+    each mapping's huge pages in proportion to the part it covers; no file, no answer."""
+    from engramlm.tables.hugepages import huge_page_share
+
+    t = torch.empty(4 << 20, dtype=torch.uint8)  # 4 MB
+    start = t.untyped_storage().data_ptr()
+    mid = start + (1 << 20)  # 1 MB in the first mapping, 3 MB in the second
+    a_lo, b_hi = mid - (4 << 20), mid + (6 << 20)  # 4 MB and 6 MB mappings
+    smaps = "\n".join(
+        [
+            f"{a_lo:x}-{mid:x} rw-p 00000000 00:00 0",
+            "Size:               4096 kB",
+            "AnonHugePages:      4096 kB",  # all huge: the tensor's 1 MB counts as huge
+            f"{mid:x}-{b_hi:x} rw-p 00000000 00:00 0",
+            "Size:               6144 kB",
+            "AnonHugePages:      2048 kB",  # a third huge: 1 MB of the tensor's 3 MB
+            f"{b_hi + 4096:x}-{b_hi + 8192:x} r--p 00000000 00:00 0",
+            "AnonHugePages:         0 kB",
+        ]
+    )
+    assert huge_page_share(t, smaps) == pytest.approx((1 + 1) / 4)
+    assert huge_page_share(t, "") is None  # no mapping holds it

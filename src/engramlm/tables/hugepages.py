@@ -55,3 +55,31 @@ def use_huge_pages(tensor: Tensor) -> bool:
     if last <= first:
         return False
     return madvise(first, last - first, _MADV_HUGEPAGE) == 0
+
+
+def huge_page_share(tensor: Tensor, smaps: str | None = None) -> float | None:
+    """The share of a CPU tensor's memory backed by transparent huge pages now, from
+    ``/proc/self/smaps`` (or the text ``smaps``): the ``AnonHugePages`` of the mappings it
+    spans, each counted in proportion to the part of the mapping the tensor covers; None where
+    there is no such file. Whether :func:`use_huge_pages`'s advice was honoured depends on free
+    2 MB blocks when the pages were first touched, so benchmarks report it beside timings."""
+    if smaps is None:
+        try:
+            with open("/proc/self/smaps") as f:
+                smaps = f.read()
+        except OSError:
+            return None
+    lines = smaps.splitlines()
+    start = tensor.untyped_storage().data_ptr()
+    end = start + tensor.untyped_storage().nbytes()
+    huge = covered = 0
+    lo = hi = 0
+    for line in lines:
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):  # a mapping's first line: "lo-hi perms ..."
+            lo, hi = (int(x, 16) for x in head.split("-"))
+        elif head == "AnonHugePages:" and lo < end and hi > start:
+            overlap = min(hi, end) - max(lo, start)
+            covered += overlap
+            huge += int(line.split()[1]) * 1024 * overlap // (hi - lo)
+    return huge / covered if covered else None
