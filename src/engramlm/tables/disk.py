@@ -1007,11 +1007,15 @@ class DiskStore:
             torch.from_numpy(rows),
             torch.from_numpy(out),
         )
+
+        def read(span: tuple[int, int]) -> None:  # torch releases the GIL while it copies
+            torch.index_select(file, 0, index[span[0] : span[1]], out=into[span[0] : span[1]])
+
         done, chunk = 0, _PROBE_ROWS
         while done < len(rows):
             stop = min(len(rows), done + chunk)
             start_time = time.perf_counter()
-            torch.index_select(file, 0, index[done:stop], out=into[done:stop])
+            read((done, stop))
             waited = time.perf_counter() - start_time > (stop - done) * _RESIDENT_ROW_SECONDS
             done, chunk = stop, min(4 * chunk, _MAX_INLINE_CHUNK)
             if waited:
@@ -1022,10 +1026,6 @@ class DiskStore:
             done, len(rows), max(1, min(_READERS, (len(rows) - done) // _READER_MIN_ROWS)) + 1
         )
         spans = list(zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True))
-
-        def read(span: tuple[int, int]) -> None:  # torch releases the GIL while it copies
-            torch.index_select(file, 0, index[span[0] : span[1]], out=into[span[0] : span[1]])
-
         list(_reader_pool().map(read, spans))
         return out
 
