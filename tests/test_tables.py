@@ -844,6 +844,7 @@ def test_huge_page_share_counts_the_mappings_a_tensor_spans() -> None:
             f"{mid:x}-{b_hi:x} rw-p 00000000 00:00 0",
             "Size:               6144 kB",
             "AnonHugePages:      2048 kB",  # a third huge: 1 MB of the tensor's 3 MB
+            "",
             f"{b_hi + 4096:x}-{b_hi + 8192:x} r--p 00000000 00:00 0",
             "AnonHugePages:         0 kB",
         ]

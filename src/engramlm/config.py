@@ -275,7 +275,8 @@ class ModelConfig:
     dense SwiGLU in the first ``first_dense_layers`` layers and everywhere when
     ``num_experts == 0``; otherwise a DeepSeek-V3 MoE with ``num_experts`` routed experts (top
     ``experts_per_token``), ``num_shared_experts`` always-on experts, sigmoid affinities and
-    auxiliary-loss-free balancing (``moe_bias_update_rate``, arXiv 2408.15664). ``hc_mult`` is M,
+    auxiliary-loss-free balancing (``moe_bias_update_rate``, arXiv 2408.15664); the top-k gate
+    weights sum to ``moe_routed_scale`` (V3's routed scaling factor). ``hc_mult`` is M,
     the number of residual streams (1 = plain residual, 4 = the paper's mHC). ``engram`` places
     Engram modules at ``engram.layer_ids`` (0-based); ``compressed_vocab_size`` is V' of the
     tokenizer compression (SPEC §2.1), ``None`` meaning no compression (V' = V).

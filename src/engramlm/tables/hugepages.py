@@ -75,6 +75,8 @@ def huge_page_share(tensor: Tensor, smaps: str | None = None) -> float | None:
     huge = covered = 0
     lo = hi = 0
     for line in lines:
+        if not line.strip():
+            continue
         head = line.split(maxsplit=1)[0]
         if "-" in head and not head.endswith(":"):  # a mapping's first line: "lo-hi perms ..."
             lo, hi = (int(x, 16) for x in head.split("-"))
