@@ -560,3 +560,24 @@ def test_large_misses_go_to_the_readers_only_after_a_chunk_waited(
     else:
         assert spans == []
     store.close()
+
+
+@pytest.mark.parametrize("cache_rows", [0, 64])
+def test_offloaded_table_asks_a_store_for_distinct_rows_only_with_a_row_cache(
+    tmp_path: Path, cache_rows: int
+) -> None:
+    """With a row cache the offloaded table reads each distinct row once (the cache's
+    bookkeeping is per row asked for); without one the store copies the rows as asked, repeats
+    and all, from the file's pages. Same values either way."""
+    values = torch.randn(100, DIM)
+    store = DiskStore.create(tmp_path / "t", 100, DIM, cache_bytes=cache_rows * _row_cost())
+    store.write_range(0, values)
+    assert store.wants_distinct_reads == (cache_rows > 0)
+    table = OffloadedTable(store, store, store)
+    rows = torch.tensor([[3, 7, 3], [7, 7, 50]])
+    with torch.no_grad():
+        got = table.lookup(rows)
+    torch.testing.assert_close(got, values[rows], rtol=0, atol=0)
+    stats = store.stats()
+    assert stats["hits"] + stats["misses"] == (3 if cache_rows else 6)
+    table.close()
