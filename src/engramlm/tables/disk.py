@@ -994,9 +994,10 @@ class DiskStore:
         to wait for the device, the rest goes to a pool of readers that keeps ``_READERS``
         faults outstanding (``torch.index_select`` releases the GIL while it copies, and copies
         rows 3-4x faster than numpy's fancy indexing on a map). Inline, a warm file costs no
-        thread handoffs (the pool made the warm pass 2.5x slower); a cold one pays one serial
-        chunk of 64 faults (~3 ms). A chunk with under ~4% of its rows on the device passes
-        for resident: mixed files read those few rows one fault at a time.
+        thread handoffs (a warm pass's gathers took 209 ms through the pool of 64, 126 ms
+        inline; docs/benchmarks.md, goal 3); a cold one pays one serial chunk of 64 faults
+        (~3 ms at the ~51 us a fault above). A chunk with under ~4% of its rows on the device
+        passes for resident: mixed files read those few rows one fault at a time.
         """
         if len(rows) < 2 * _READER_MIN_ROWS or self.dtype == fp8.FP8:
             self._advise_willneed(rows)
