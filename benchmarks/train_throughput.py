@@ -19,9 +19,12 @@ the iso-parameter MoE and its Engram reallocation at rho = 0.75, the demo's batc
 sequence length), the ratio of issue 16's goal 5.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--threads N]
-        [--baseline backbone|demo-moe] [--compile]
+        [--baseline backbone|demo-moe] [--compile | --compile-race]
 
 ``--compile`` trains both through ``torch.compile(model)`` (the untimed warm-up steps compile).
+``--compile-race`` instead races each model eager against itself compiled (same initial
+weights, same batches, interleaved) and prints compiled / eager tokens/s: does compiling pay
+for training here?
 """
 
 from __future__ import annotations
@@ -130,7 +133,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--baseline", choices=["backbone", "demo-moe"], default="backbone")
     p.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
+    p.add_argument(
+        "--compile-race", action="store_true", help="each model eager against itself compiled"
+    )
     args = p.parse_args()
+    if args.compile and args.compile_race:
+        p.error("--compile and --compile-race are exclusive: the race compiles one of each pair")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -171,13 +179,22 @@ def main() -> None:
     # Bound to the corpus's tokenizer as engramlm.train does it (pad id, compressed vocabulary).
     backbone, with_engram = _bind_vocab(backbone, corpus), _bind_vocab(with_engram, corpus)
     engram_cfg = with_engram.engram
-    models = {
-        "backbone": Trainee(backbone, corpus.compressed_vocab, cfg, args.compile),
-        "engram": Trainee(with_engram, corpus.compressed_vocab, cfg, args.compile),
-    }
+    configs = {"backbone": backbone, "engram": with_engram}
+    if args.compile_race:
+        models = {
+            f"{name} {mode}": Trainee(config, corpus.compressed_vocab, cfg, mode == "compiled")
+            for name, config in configs.items()
+            for mode in ("eager", "compiled")
+        }
+    else:
+        models = {
+            name: Trainee(config, corpus.compressed_vocab, cfg, args.compile)
+            for name, config in configs.items()
+        }
     batches = TrainBatches(corpus.train, args.batch, args.seq, seed=0)
     step_times: dict[str, list[float]] = {name: [] for name in models}
-    warmup = 3 if args.compile else 1  # compiled: recompiles as shapes become dynamic
+    # compiled: the first steps compile, and recompile as shapes become dynamic
+    warmup = 3 if args.compile or args.compile_race else 1
     for i in range(args.steps + warmup):  # the first steps of each are a warm-up
         batch = next(batches)
         for name, trainee in models.items():
@@ -186,11 +203,21 @@ def main() -> None:
                 step_times[name].append(seconds)
     load = os.getloadavg()[0]
     step = {name: statistics.median(t) for name, t in step_times.items()}
+    tokens = args.batch * args.seq
+    if args.compile_race:
+        print(f"machine: {machine()}; load average {load:.1f} during the steps")
+        print(f"train step B={args.batch} T={args.seq}, median of {args.steps} interleaved steps")
+        for name in configs:
+            eager, compiled = step[f"{name} eager"], step[f"{name} compiled"]
+            print(
+                f"  {name:9s} eager {tokens / eager:7,.0f} tok/s, compiled "
+                f"{tokens / compiled:7,.0f} tok/s: compiled / eager {eager / compiled:.3f}x"
+            )
+        return
     engram = models["engram"]
     hashing = statistics.median(engram.parts["hashing"][warmup:])
     table_opt = statistics.median(engram.parts["table optimiser"][warmup:])
     iso = interleaved(engram_layer_timers(engram.model, batch), repeats=max(3, args.steps // 2))
-    tokens = args.batch * args.seq
 
     print(f"machine: {machine()}; load average {load:.1f} during the steps")
     if args.baseline == "demo-moe":
