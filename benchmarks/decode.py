@@ -6,10 +6,12 @@ hot-row cache, rows prefetched before layer 0). Each decodes the same prompts gr
 KV cache; the runs are interleaved, and tokens/s are medians over repeats. ``--compile`` adds
 ``torch.compile(model, dynamic=True)`` of the backbone and of the in-memory Engram model
 (compiled before timing; the ratio that matters there is compiled Engram / compiled backbone);
-``--no-disk`` leaves the disk tier out.
+``--no-disk`` leaves the disk tier out. ``--breakdown`` adds the Engram model with its Engram
+layers' work replaced by zeros (hashing, the prefetch and the cache's n-gram state stay): the
+gap between it and the backbone is what Engram costs outside its layer, the rest is the layer.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decode.py [--batch 1] [--layers 4]
-        [--hidden 256] [--new 64] [--table-size 200000] [--compile] [--no-disk]
+        [--hidden 256] [--new 64] [--table-size 200000] [--compile] [--no-disk] [--breakdown]
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--no-disk", action="store_true", help="leave the disk tier out")
+    p.add_argument("--breakdown", action="store_true", help="also time the Engram layer skipped")
     args = p.parse_args()
 
     D = args.hidden
@@ -89,6 +92,11 @@ def main() -> None:
         if not args.no_disk:
             assert torch.equal(out_mem, decode(disk)), "disk-tier decoding differs from in-memory"
             variants["engram (disk)"] = lambda: decode(disk)
+        if args.breakdown:
+            skipped = EngramLM(with_engram).eval()
+            skipped.load_state_dict(mem.state_dict())
+            skip_engram_layers(skipped)
+            variants["engram (layer skipped)"] = lambda: decode(skipped)
         if args.compile:
             base_c = torch.compile(base, dynamic=True)
             mem_c = torch.compile(mem, dynamic=True)
@@ -122,6 +130,22 @@ def main() -> None:
                 f"(before: {before['misses']:,.0f} rows read by the untimed first decode)"
             )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def skip_engram_layers(model: EngramLM) -> None:
+    """Each Engram layer returns zeros (and a zero conv state) instead of its output: the model
+    still hashes, prefetches and keeps its n-gram state, but does none of the layer's work."""
+    for block in model.layers:
+        if block.engram is None:
+            continue
+        conv = block.engram.short_conv
+        past = 0 if conv is None else conv.receptive_field
+
+        def skipped(hidden: torch.Tensor, *_: object, past: int = past, **__: object) -> tuple:
+            B, _T, M, D = hidden.shape
+            return torch.zeros_like(hidden), hidden.new_zeros(B, M * D, past)
+
+        block.engram.forward = skipped  # type: ignore[method-assign]
 
 
 def disk_stats(model: EngramLM) -> dict[str, float]:
