@@ -99,9 +99,8 @@ class TrainConfig:
     table_cache_mb: int = 256  # disk tier: row cache per table (files: <out_dir>/tables/)
     dense_parallel: Literal["ddp", "fsdp"] = "ddp"  # torchrun: the dense part (tables sharded)
     tensorboard: bool = False  # metrics.jsonl's rows also as TensorBoard scalars (engramlm[tb])
-    # torch.compile the training forward (one process). On the 2-core CPU of docs/benchmarks.md
-    # it bought 1.04-1.07x tokens/s for ~1 min of compiling: worth it for long runs only.
-    compile: bool = False
+    # On the 2-core CPU of docs/benchmarks.md compiling bought 1.04-1.07x tokens/s for ~1 min.
+    compile: bool = False  # torch.compile the training forward (one process): for long runs
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": trace, no kernels)
 
     def __post_init__(self) -> None:
