@@ -96,6 +96,7 @@ def main() -> None:
         moe = dataclasses.replace(ctx.base_moe, **moe_changes)
         dense = dense_iso_flop(moe)
         margins, moe_losses, dense_losses, balance = [], [], [], []
+        curves: list[dict[int, float]] = []  # per seed: evaluation step -> margin
         for seed in seeds:
             cfg = ctx.train_config(seed=seed, **train_changes)
             m = ctx.train(f"{name}-moe-seed{seed}", moe, cfg)
@@ -104,6 +105,8 @@ def main() -> None:
             dense_losses.append(d.val_loss)
             margins.append(d.val_loss - m.val_loss)
             balance.append(imbalance(m.expert_load))
+            moe_curve, dense_curve = val_curve(m.history), val_curve(d.history)
+            curves.append({s: dense_curve[s] - moe_curve[s] for s in moe_curve if s in dense_curve})
         spread = statistics.stdev(margins) if len(margins) > 1 else float("nan")
         mean = statistics.fmean(margins)
         clear = len(margins) > 1 and mean > max(MIN_MARGIN, 2 * spread)
@@ -119,6 +122,12 @@ def main() -> None:
             "margin_sd": spread,
             "imbalance": balance,
             "clear": clear,
+            # Mean margin over the seeds at every evaluation (all on the same schedule): how
+            # the margin grows with training, not only where it ends.
+            "margin_by_step": {
+                str(step): statistics.fmean(c[step] for c in curves)
+                for step in sorted(set.intersection(*(set(c) for c in curves)))
+            },
         }
         rows.append(row)
         print(
@@ -164,6 +173,11 @@ def main() -> None:
     print(f"allocation sweep at {at['candidate']}: {page}")
 
 
+def val_curve(history: list[dict[str, float]]) -> dict[int, float]:
+    """Evaluation step -> validation loss, from a run's metrics rows."""
+    return {int(row["step"]): row["val_loss"] for row in history if "val_loss" in row}
+
+
 def write_page(
     page: Path,
     rows: list[dict[str, Any]],
@@ -181,11 +195,12 @@ def write_page(
         "same activated FFN width (`compare.dense_iso_flop`) at every seed; the margin is dense -",
         f"MoE (positive: the MoE is better). *Clear*: mean margin > {MIN_MARGIN} nats and > twice",
         "its seed standard deviation. Busiest expert: the most loaded routed expert over the mean",
-        "at the last training step, worst MoE layer.",
+        "at the last training step, worst MoE layer. Margin by step: the mean margin at each",
+        "evaluation during training (the cosine schedule of the candidate's full length).",
         "",
         "| candidate | MoE changes | training changes | seeds | MoE val loss | dense val loss "
-        "| margin (mean ± sd) | busiest expert / mean | clear |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| margin (mean ± sd) | busiest expert / mean | clear | margin by step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -193,7 +208,9 @@ def write_page(
             f"{r.get('seeds', '?')} | {' / '.join(f'{x:.4f}' for x in r['moe_val_loss'])} | "
             f"{' / '.join(f'{x:.4f}' for x in r['dense_val_loss'])} | "
             f"{r['margin_mean']:+.4f} ± {r['margin_sd']:.4f} | "
-            f"{statistics.fmean(r['imbalance']):.2f} | {'yes' if r['clear'] else 'no'} |"
+            f"{statistics.fmean(r['imbalance']):.2f} | {'yes' if r['clear'] else 'no'} | "
+            + ", ".join(f"{s}: {m:+.3f}" for s, m in r.get("margin_by_step", {}).items())
+            + " |"
         )
     lines.append("")
     if sweep is None:

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from engramlm.cli import load_configs, main
 from engramlm.compare import DEFAULT_ENGRAM, DEFAULT_MOE, DEFAULT_RHO, DEFAULT_TRAIN, build_models
 
@@ -92,6 +94,9 @@ def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, cap
         expected = [d - m for d, m in zip(r["dense_val_loss"], r["moe_val_loss"], strict=True)]
         assert r["margin"] == expected and len(expected) == 2
         assert all(math.isfinite(x) and x >= 1.0 for x in r["imbalance"])
+        # Evaluated at steps 3 and 6 (smoke: eval_every=3): the last is the final margin.
+        assert list(r["margin_by_step"]) == ["3", "6"]
+        assert r["margin_by_step"]["6"] == pytest.approx(r["margin_mean"], abs=1e-12)
     assert "margin" in capsys.readouterr().out
     # The sweep ran the allocation experiment at that setting, its rho = 1 the search's MoE.
     sweep = tmp_path / "runs/moe_baseline_sweep/allocation"
