@@ -127,13 +127,13 @@ class TrainConfig:
         for name in ("tensorboard", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        # Only when compiling: listing the backends imports torch._dynamo (~1.5 s).
-        backends = torch.compiler.list_backends(exclude_tags=()) if self.compile else ()
-        if self.compile and self.compile_backend not in backends:
-            raise ValueError(
-                f"compile_backend {self.compile_backend!r} is not a torch.compile backend; "
-                f"known: {sorted(backends)}"
-            )
+        if self.compile:  # only then: listing the backends imports torch._dynamo (~1.5 s)
+            backends = torch.compiler.list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise ValueError(
+                    f"compile_backend {self.compile_backend!r} is not a torch.compile backend; "
+                    f"known: {sorted(backends)}"
+                )
         if self.dense_parallel not in ("ddp", "fsdp"):
             raise ValueError(f"dense_parallel must be 'ddp' or 'fsdp', got {self.dense_parallel!r}")
 
