@@ -203,8 +203,8 @@ def test_compiled_training_tracks_eager_and_resumes_exactly(
 ) -> None:
     """``compile=True`` (with ``aot_eager``: torch.compile's graph capture, guards and
     recompiles as the MoE's shapes change, without kernel builds) follows the eager reference
-    run, and a compiled run resumed from a checkpoint retrains the steps after it exactly as
-    it first did.
+    run, the same on the host tier, and a compiled run resumed from a checkpoint retrains the
+    steps after it exactly as it first did.
 
     Measured (2-core CPU): the first 8 of 120 losses equal eager's bit for bit; from there
     last-bit differences grow as training amplifies them (step 10: 1.6e-5, later up to 0.08 of
@@ -222,6 +222,11 @@ def test_compiled_training_tracks_eager_and_resumes_exactly(
     assert [s for s, _ in got] == [s for s, _ in want]
     assert [v for _, v in got[:5]] == pytest.approx([v for _, v in want[:5]], rel=1e-6)
     assert abs(first.val_loss - reference.val_loss) < 0.1
+    # Compiled, the host tier's lookups run between the graphs, and give the same run bit for bit.
+    host = train_config(corpus, tmp_path / "host", table_storage="host", **compiled)
+    assert (
+        losses(train(model_config(), host, corpus=corpus.prepared, progress=False).out_dir) == got
+    )
 
     run = copy_run(first, tmp_path / "resumed")
     flip_a_bit(checkpoint_dir(run, STEPS) / "model.safetensors")  # resumes at STEPS - CKPT_EVERY
