@@ -207,8 +207,12 @@ def write_page(
             f"| {r['candidate']} | {r['moe'] or '-'} | {r['train'] or '-'} | "
             f"{r.get('seeds', '?')} | {' / '.join(f'{x:.4f}' for x in r['moe_val_loss'])} | "
             f"{' / '.join(f'{x:.4f}' for x in r['dense_val_loss'])} | "
-            f"{r['margin_mean']:+.4f} ± {r['margin_sd']:.4f} | "
-            f"{statistics.fmean(r['imbalance']):.2f} | {'yes' if r['clear'] else 'no'} | "
+            + (
+                f"{r['margin_mean']:+.4f} ± {r['margin_sd']:.4f} | "
+                if len(r["margin"]) > 1
+                else f"{r['margin_mean']:+.4f} (one seed) | "
+            )
+            + f"{statistics.fmean(r['imbalance']):.2f} | {'yes' if r['clear'] else 'no'} | "
             + ", ".join(f"{s}: {m:+.3f}" for s, m in r.get("margin_by_step", {}).items())
             + " |"
         )
