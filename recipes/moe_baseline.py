@@ -18,7 +18,7 @@ interrupted search resumes and the allocation sweep reuses the rho = 1 MoE. Budg
 of the demo's size takes ~3.3 min per 300 steps on 2 idle CPU cores.
 
     .venv/bin/python recipes/moe_baseline.py [--seeds 0,1,2] [--candidates demo,long] [--smoke]
-        [--sweep | --sweep-at NAME] [--page docs/moe_baseline.md]
+        [--sweep | --sweep-at NAME] [--page docs/moe_baseline.md] [--dense-first]
 """
 
 from __future__ import annotations
@@ -78,6 +78,12 @@ def main() -> None:
     )
     parser.add_argument("--sweep-at", default=None, help="the allocation sweep at this candidate")
     parser.add_argument("--page", default="docs/moe_baseline.md", help="written after a sweep")
+    parser.add_argument(
+        "--dense-first",
+        action="store_true",
+        help="train each seed's dense model before its MoE: a second process started so "
+        "trains the other model beside the first (the runs' lock stops a double training)",
+    )
     args = parser.parse_args()
     if args.sweep_at is not None and args.sweep_at not in args.candidates.split(","):
         parser.error(f"--sweep-at {args.sweep_at}: not among --candidates {args.candidates}")
@@ -99,8 +105,10 @@ def main() -> None:
         curves: list[dict[int, float]] = []  # per seed: evaluation step -> margin
         for seed in seeds:
             cfg = ctx.train_config(seed=seed, **train_changes)
-            m = ctx.train(f"{name}-moe-seed{seed}", moe, cfg)
-            d = ctx.train(f"{name}-dense-seed{seed}", dense, cfg)
+            models = {"moe": moe, "dense": dense}
+            order = ("dense", "moe") if args.dense_first else ("moe", "dense")
+            done = {k: ctx.train(f"{name}-{k}-seed{seed}", models[k], cfg) for k in order}
+            m, d = done["moe"], done["dense"]
             moe_losses.append(m.val_loss)
             dense_losses.append(d.val_loss)
             margins.append(d.val_loss - m.val_loss)

@@ -122,6 +122,27 @@ def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, cap
     )
 
 
+def test_moe_baseline_dense_first_trains_the_dense_model_before_the_moe(
+    tmp_path, monkeypatch
+) -> None:
+    """``--dense-first`` swaps the order (so a second process can train the other model)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("moe_baseline", RECIPES / "moe_baseline.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.chdir(tmp_path)
+    argv = ["moe_baseline", "--smoke", "--seeds", "0", "--candidates", "demo", "--dense-first"]
+    monkeypatch.setattr(sys, "argv", argv)
+    recipe.main()
+    models = tmp_path / "runs/moe_baseline/models"
+    finished = {
+        k: (models / f"demo-{k}-seed0/result.json").stat().st_mtime_ns for k in ("moe", "dense")
+    }
+    assert finished["dense"] < finished["moe"]
+
+
 def _load_script(path: Path, name: str):
     import importlib.util
 
