@@ -14,11 +14,15 @@ seeds) at the first clear setting, or ``--sweep-at NAME`` at a named one, with i
 ``docs/moe_baseline.md``: the search's table and the sweep's section.
 
 Runs are stored like the experiments' (``runs/_models/<digest>``, shared and resumable), so an
-interrupted search resumes and the allocation sweep reuses the rho = 1 MoE. Budget: each model
+interrupted search resumes and the allocation sweep reuses the rho = 1 MoE. Each finished run's
+result is also kept in ``docs/records/<digest>.json`` (``--records``), which is committed: a new
+clone has no ``runs/`` folder, and a run with a record is read from it, not retrained, so
+seeds trained in different sessions (or on different machines: the record names it) add up. Budget: each model
 of the demo's size takes ~3.3 min per 300 steps on 2 idle CPU cores.
 
     .venv/bin/python recipes/moe_baseline.py [--seeds 0,1,2] [--candidates demo,long] [--smoke]
         [--sweep | --sweep-at NAME] [--page docs/moe_baseline.md] [--dense-first]
+        [--records docs/records]
 """
 
 from __future__ import annotations
@@ -84,7 +88,14 @@ def main() -> None:
         help="train each seed's dense model before its MoE: a second process started so "
         "trains the other model beside the first (the runs' lock stops a double training)",
     )
+    parser.add_argument(
+        "--records",
+        default=None,
+        help="folder of finished runs' results, by digest (default docs/records; none with "
+        "--smoke unless given)",
+    )
     args = parser.parse_args()
+    records = args.records or (None if args.smoke else "docs/records")
     if args.sweep_at is not None and args.sweep_at not in args.candidates.split(","):
         parser.error(f"--sweep-at {args.sweep_at}: not among --candidates {args.candidates}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -92,7 +103,7 @@ def main() -> None:
     unknown = sorted(set(names) - set(CANDIDATES))
     if unknown:
         parser.error(f"unknown candidates {unknown}; known: {sorted(CANDIDATES)}")
-    ctx = Context(name="moe_baseline", seeds=seeds, smoke=args.smoke)
+    ctx = Context(name="moe_baseline", seeds=seeds, smoke=args.smoke, records_root=records)
     rows = []
     for name in names:
         moe_changes, train_changes = CANDIDATES[name]
@@ -168,6 +179,7 @@ def main() -> None:
         smoke=args.smoke,
         settings={"moe": at["moe"], "train": {} if args.smoke else at["train"]},
         models_root=ctx.models_root,  # the search's MoE is the sweep's rho = 1
+        records_root=records,
     )
     flags = [f"--moe.{k}={v}" for k, v in at["moe"].items()]
     flags += [f"--train.{k}={v}" for k, v in at["train"].items()]
@@ -205,6 +217,8 @@ def write_page(
         "its seed standard deviation. Busiest expert: the most loaded routed expert over the mean",
         "at the last training step, worst MoE layer. Margin by step: the mean margin at each",
         "evaluation during training (the cosine schedule of the candidate's full length).",
+        "Each finished run's result, with the machine and thread count it ran on, is kept in",
+        "`docs/records/<digest>.json` (runs finished before those records began are not there).",
         "",
         "| candidate | MoE changes | training changes | seeds | MoE val loss | dense val loss "
         "| margin (mean ± sd) | busiest expert / mean | clear | margin by step |",

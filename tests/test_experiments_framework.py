@@ -224,3 +224,42 @@ def test_a_link_made_by_a_concurrent_experiment_is_accepted(
     monkeypatch.setattr(Path, "symlink_to", racing)
     assert ctx.train("moe", ctx.base_moe, cfg).val_loss == first.val_loss
     assert link.readlink() == target
+
+
+def test_finished_runs_are_kept_as_records_and_read_back_without_their_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new clone has no runs/ folder: a run with a record (committed) is read from it, not
+    retrained; a record whose configuration is not its digest's is refused."""
+    import shutil
+
+    from engramlm.experiments import common
+
+    records = tmp_path / "records"
+    ctx = Context(
+        name="rec", out_root=tmp_path / "a", smoke=True, progress=False, records_root=records
+    )
+    cfg = ctx.train_config(steps=2, eval_every=2)
+    first = ctx.train("moe", ctx.base_moe, cfg)
+    (record,) = records.glob("*.json")
+    run_dir = (tmp_path / "a" / "rec" / "models" / "moe").resolve()
+    assert record.stem == run_dir.name  # named by the run's digest
+    doc = json.loads(record.read_text())
+    assert doc["key"] == "moe" and doc["config"]["train"]["steps"] == 2
+    assert doc["result"]["val_loss"] == first.val_loss
+    shutil.rmtree(tmp_path / "a")  # a fresh clone: no runs at all
+    calls: list[int] = []
+    monkeypatch.setattr(common, "train", lambda *a, **k: calls.append(1) or first)
+    fresh = Context(
+        name="rec", out_root=tmp_path / "b", smoke=True, progress=False, records_root=records
+    )
+    again = fresh.train("moe", fresh.base_moe, cfg)
+    assert calls == [] and again.val_loss == first.val_loss and again.history == first.history
+    # Another configuration has no record: trained (here: the stub is called), then recorded.
+    fresh.train("moe", fresh.base_moe, fresh.train_config(steps=3, eval_every=3))
+    assert calls == [1] and len(list(records.glob("*.json"))) == 2
+    # A record edited to another configuration is refused, naming the fix.
+    doc["config"]["train"]["steps"] = 7
+    record.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="Delete it to retrain"):
+        fresh.train("moe", fresh.base_moe, cfg)

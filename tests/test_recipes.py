@@ -98,6 +98,7 @@ def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, cap
         assert list(r["margin_by_step"]) == ["3", "6"]
         assert r["margin_by_step"]["6"] == pytest.approx(r["margin_mean"], abs=1e-12)
     assert "margin" in capsys.readouterr().out
+    assert not (tmp_path / "docs/records").exists()  # smoke runs are never recorded by default
     # The sweep ran the allocation experiment at that setting, its rho = 1 the search's MoE.
     sweep = tmp_path / "runs/moe_baseline_sweep/allocation"
     result = json.loads((sweep / "results.json").read_text())
@@ -125,7 +126,9 @@ def test_moe_baseline_search_runs_and_reports_margins(tmp_path, monkeypatch, cap
 def test_moe_baseline_dense_first_trains_the_dense_model_before_the_moe(
     tmp_path, monkeypatch
 ) -> None:
-    """``--dense-first`` swaps the order (so a second process can train the other model)."""
+    """``--dense-first`` swaps the order (so a second process can train the other model); with
+    ``--records`` each finished run is kept there too, and a later call that has the records
+    but not the runs (a new clone) reads them instead of training."""
     import importlib.util
     import sys
 
@@ -134,13 +137,27 @@ def test_moe_baseline_dense_first_trains_the_dense_model_before_the_moe(
     spec.loader.exec_module(recipe)
     monkeypatch.chdir(tmp_path)
     argv = ["moe_baseline", "--smoke", "--seeds", "0", "--candidates", "demo", "--dense-first"]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", [*argv, "--records", "rec"])
     recipe.main()
     models = tmp_path / "runs/moe_baseline/models"
     finished = {
         k: (models / f"demo-{k}-seed0/result.json").stat().st_mtime_ns for k in ("moe", "dense")
     }
     assert finished["dense"] < finished["moe"]
+    records = {json.loads(p.read_text())["key"]: p for p in (tmp_path / "rec").glob("*.json")}
+    assert sorted(records) == ["demo-dense-seed0", "demo-moe-seed0"]
+    for key, record in records.items():
+        assert record.stem == (models / key).resolve().name
+    first = json.loads((tmp_path / "runs/moe_baseline/results.json").read_text())["rows"][0]
+    import shutil
+
+    from engramlm.experiments import common
+
+    shutil.rmtree(tmp_path / "runs")
+    monkeypatch.setattr(common, "train", lambda *a, **k: pytest.fail("retrained"))
+    recipe.main()
+    again = json.loads((tmp_path / "runs/moe_baseline/results.json").read_text())["rows"][0]
+    assert again == first
 
 
 def _load_script(path: Path, name: str):

@@ -94,6 +94,11 @@ class Context:
     # Where trained runs are stored; None = <out_root>/_models. A recipe that writes its results
     # elsewhere can still share the experiments' runs by pointing this at runs/_models.
     models_root: Path | None = None
+    # Where each finished run's result is also kept as ``<digest>.json`` (a folder in the
+    # repository, so that results outlive the ``runs/`` folder a new clone does not have). A run
+    # with a record and no stored result is read from its record, not retrained; the record has
+    # no weights, so ``load`` still needs the run itself. None = no records.
+    records_root: Path | None = None
     started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -110,6 +115,8 @@ class Context:
         _ = self.base_moe, self.base_engram, self.train_config()  # invalid overrides fail now
         self.out_root = Path(self.out_root)
         self.models_root = Path(self.models_root or self.out_root / "_models")
+        if self.records_root is not None:
+            self.records_root = Path(self.records_root)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -166,7 +173,8 @@ class Context:
         train the same model (the allocation sweep's rho = 1 and the analyses' MoE, say) share
         it. A finished run is read back; one with checkpoints but no result resumes; a run being
         trained by another process (an experiment started beside this one) is waited for (a
-        lock file beside it) and then read back.
+        lock file beside it) and then read back. With ``records_root``, a finished run's result
+        is also written there, and a run with a record but no stored result is read from it.
         """
         train_cfg = train_cfg or self.train_config()
         wanted = {"model": changed_fields(model_cfg), "train": changed_fields(train_cfg)}
@@ -196,18 +204,30 @@ class Context:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(run_dir.parent / f"{digest}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            record = self.records_root / f"{digest}.json" if self.records_root else None
             if result_file.exists():
                 logger.info("%s/%s: finished earlier, reading %s", self.name, key, result_file)
-                return TrainResult(**json.loads(result_file.read_text()))
-            logger.info("%s/%s: training %d steps in %s", self.name, key, train_cfg.steps, run_dir)
-            return train(
-                model_cfg,
-                train_cfg,
-                resume=run_dir.exists(),
-                corpus=self.corpus,
-                progress=self.progress,
-                device=self.device,
-            )
+                result = TrainResult(**json.loads(result_file.read_text()))
+            elif record is not None and record.exists():
+                logger.info(
+                    "%s/%s: finished earlier, reading its record %s", self.name, key, record
+                )
+                return read_record(record, wanted)
+            else:
+                logger.info(
+                    "%s/%s: training %d steps in %s", self.name, key, train_cfg.steps, run_dir
+                )
+                result = train(
+                    model_cfg,
+                    train_cfg,
+                    resume=run_dir.exists(),
+                    corpus=self.corpus,
+                    progress=self.progress,
+                    device=self.device,
+                )
+            if record is not None and not record.exists():
+                write_record(record, key, wanted, result)
+            return result
 
     def load(self, key: str) -> EngramLM:
         """The trained model of ``models/<key>`` in eval mode."""
@@ -250,6 +270,33 @@ class Context:
 # is the tokenizer's pad (was raw id 2, an ordinary token), the conv norm's eps 1e-5, fused
 # key/value projections (another order of initial draws).
 BEHAVIOUR_VERSION = 2
+
+
+def write_record(path: Path, key: str, wanted: dict[str, Any], result: TrainResult) -> None:
+    """Keep a finished run's result as ``path`` (atomically): the configuration it was trained
+    with (what its digest hashes), the machine, and the result."""
+    doc = {
+        "key": key,
+        "config": wanted,
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "result": dataclasses.asdict(result),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(path: Path, wanted: dict[str, Any]) -> TrainResult:
+    """The result kept in a record, after checking it was trained with ``wanted``."""
+    doc = json.loads(path.read_text())
+    if doc.get("config") != json.loads(json.dumps(wanted)):
+        raise ValueError(
+            f"{path}: this record's configuration is not the one its name (the digest) stands "
+            "for; the file was edited or copied under another name. Delete it to retrain the run."
+        )
+    return TrainResult(**doc["result"])
 
 
 def changed_fields(cfg: Any) -> Any:
