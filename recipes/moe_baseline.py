@@ -17,8 +17,8 @@ Runs are stored like the experiments' (``runs/_models/<digest>``, shared and res
 interrupted search resumes and the allocation sweep reuses the rho = 1 MoE. Each finished run's
 result is also kept in ``docs/records/<digest>.json`` (``--records``), which is committed: a new
 clone has no ``runs/`` folder, and a run with a record is read from it, not retrained, so
-seeds trained in different sessions (or on different machines: the record names it) add up. Budget: each model
-of the demo's size takes ~3.3 min per 300 steps on 2 idle CPU cores.
+seeds trained in different sessions (or on different machines: the record names it) add up.
+Budget: each model of the demo's size takes ~3.3 min per 300 steps on 2 idle CPU cores.
 
     .venv/bin/python recipes/moe_baseline.py [--seeds 0,1,2] [--candidates demo,long] [--smoke]
         [--sweep | --sweep-at NAME] [--page docs/moe_baseline.md] [--dense-first]
