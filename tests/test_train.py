@@ -293,6 +293,15 @@ def test_training_lowers_validation_loss_below_uniform_and_first_step(
     assert reference.val_loss < min(math.log(VOCAB), first_step_loss) - 0.5
 
 
+def test_metrics_rows_record_the_routing_balance_of_the_step(reference: TrainResult) -> None:
+    """Every row of an MoE run says how unbalanced that step's routing was: the busiest expert's
+    load over the mean, worst MoE layer; the last row's is that of the run's final loads."""
+    assert reference.expert_load is not None and len(reference.expert_load) == 2
+    final = max(max(layer) / (sum(layer) / len(layer)) for layer in reference.expert_load)
+    assert all(row["busiest_expert"] >= 1.0 for row in reference.history)
+    assert reference.history[-1]["busiest_expert"] == pytest.approx(final, rel=1e-6)
+
+
 def test_one_step_changes_only_addressed_rows_and_their_adam_state(
     corpus: Corpus, tmp_path: Path
 ) -> None:

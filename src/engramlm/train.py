@@ -546,6 +546,10 @@ def train(
                     "tokens_per_s": step_tokens / dt,
                     "time": train_seconds,
                 }
+                if loads:  # routing balance: the busiest expert's load over the mean, worst layer
+                    row["busiest_expert"] = max(
+                        float(v.max() / v.float().mean().clamp_min(1e-9)) for v in loads.values()
+                    )
                 last = step + 1 == cfg.steps
                 if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                     val_loss = evaluate(model, val_batches, cfg, device, launch)
