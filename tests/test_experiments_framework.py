@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from engramlm import experiments
 from engramlm.cli import main
@@ -247,6 +248,7 @@ def test_finished_runs_are_kept_as_records_and_read_back_without_their_runs(
     doc = json.loads(record.read_text())
     assert doc["key"] == "moe" and doc["config"]["train"]["steps"] == 2
     assert doc["result"]["val_loss"] == first.val_loss
+    assert doc["result"]["threads"] == torch.get_num_threads()
     shutil.rmtree(tmp_path / "a")  # a fresh clone: no runs at all
     calls: list[int] = []
     monkeypatch.setattr(common, "train", lambda *a, **k: calls.append(1) or first)

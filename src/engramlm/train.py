@@ -171,6 +171,9 @@ class TrainResult:
     train_seconds: float
     history: list[dict[str, float]]
     expert_load: list[list[float]] | None = None
+    # torch's intra-op threads in the training process (results reproduce bit for bit only at
+    # the same count); None in results written before it was recorded.
+    threads: int | None = None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -578,6 +581,7 @@ def train(
             train_seconds=train_seconds,
             history=metrics.rows,
             expert_load=last_load,
+            threads=torch.get_num_threads(),
         )
     finally:
         model.close_tables()  # disk tables: flushed, checksummed, unlocked

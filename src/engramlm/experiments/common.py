@@ -274,12 +274,12 @@ BEHAVIOUR_VERSION = 2
 
 def write_record(path: Path, key: str, wanted: dict[str, Any], result: TrainResult) -> None:
     """Keep a finished run's result as ``path`` (atomically): the configuration it was trained
-    with (what its digest hashes), the machine, and the result."""
+    with (what its digest hashes), the machine (runs are stored locally, so the one it trained
+    on), and the result (with the training's thread count)."""
     doc = {
         "key": key,
         "config": wanted,
         "machine": machine(),
-        "threads": torch.get_num_threads(),
         "result": dataclasses.asdict(result),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
