@@ -18,6 +18,8 @@ interrupted search resumes and the allocation sweep reuses the rho = 1 MoE. Each
 result is also kept in ``docs/records/<digest>.json`` (``--records``), which is committed: a new
 clone has no ``runs/`` folder, and a run with a record is read from it, not retrained, so
 seeds trained in different sessions (or on different machines: the record names it) add up.
+The page keeps its rows of earlier searches that a call does not redo at the same seeds or more
+(rows written before the records began have no runs left to recompute them from).
 Budget: each model of the demo's size takes ~3.3 min per 300 steps on 2 idle CPU cores.
 
     .venv/bin/python recipes/moe_baseline.py [--seeds 0,1,2] [--candidates demo,long] [--smoke]
@@ -32,6 +34,7 @@ import dataclasses
 import json
 import shutil
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,20 +159,24 @@ def main() -> None:
             f"{statistics.fmean(balance):.2f}x the mean: {'clear' if clear else 'not clear'}",
             flush=True,
         )
-    # Candidates searched in earlier calls keep their rows (with their own seeds).
+    # Candidates searched in earlier calls keep their rows (with their own seeds), unless this
+    # call searched the same candidate at those seeds or more.
     path = ctx.out_dir / "results.json"
     earlier = json.loads(path.read_text())["rows"] if path.exists() and not args.smoke else []
-    rows += [r for r in earlier if r["candidate"] not in names]
+    rows += [r for r in earlier if not superseded(r["candidate"], r["seeds"], rows)]
     path.write_text(json.dumps({"rows": rows}, indent=2))
+    page = Path(args.page) if not args.smoke else ctx.out_dir / "moe_baseline.md"
+    # The page's own rows of searches whose runs this clone does not have (runs/ is not in the
+    # repository; records began later): kept as they were written.
+    kept = [line for line in page_rows(page) if not superseded(*line_key(line), rows)]
     best = next((r for r in rows if r["clear"]), None)
     if best is None:
         print("no candidate gives the MoE a clear margin over the dense model")
     else:
         print(f"first clear setting: {best['candidate']}")
-    page = Path(args.page) if not args.smoke else ctx.out_dir / "moe_baseline.md"
     at = next(r for r in rows if r["candidate"] == args.sweep_at) if args.sweep_at else best
     if not (args.sweep or args.sweep_at) or at is None:
-        write_page(page, rows, machine=machine())
+        write_page(page, rows, machine=machine(), kept=kept)
         print(f"search table: {page}")
         return
     sweep = Context(
@@ -189,8 +196,40 @@ def main() -> None:
         f"python recipes/moe_baseline.py --seeds {args.seeds} --sweep-at {at['candidate']} "
         f"(= engramlm experiment allocation --seeds {args.seeds} {' '.join(flags)})"
     )
-    write_page(page, rows, machine=doc["machine"], sweep=(at, doc, sweep.out_dir))
+    write_page(page, rows, machine=doc["machine"], sweep=(at, doc, sweep.out_dir), kept=kept)
     print(f"allocation sweep at {at['candidate']}: {page}")
+
+
+def superseded(candidate: str, seeds: list[int], rows: list[dict[str, Any]]) -> bool:
+    """Whether ``rows`` searched ``candidate`` at all of ``seeds`` (and maybe more)."""
+    return any(r["candidate"] == candidate and set(seeds) <= set(r["seeds"]) for r in rows)
+
+
+def page_rows(page: Path) -> list[str]:
+    """The search table's rows of an existing page (none if there is no page)."""
+    if not page.exists():
+        return []
+    lines = page.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| candidate |")), None)
+    if start is None:
+        return []
+    rows = []
+    for line in lines[start + 2 :]:  # after the header and its |---| line
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    return rows
+
+
+def cells(line: str) -> list[str]:
+    """A page row's cells."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def line_key(line: str) -> tuple[str, list[int]]:
+    """(candidate, seeds) of a page row: its first and fourth cells."""
+    row = cells(line)
+    return row[0], json.loads(row[3])
 
 
 def val_curve(history: list[dict[str, float]]) -> dict[int, float]:
@@ -204,9 +243,11 @@ def write_page(
     *,
     machine: str,
     sweep: tuple[dict[str, Any], dict[str, Any], Path] | None = None,
+    kept: Sequence[str] = (),
 ) -> None:
-    """docs/moe_baseline.md: the search's table, then (``sweep``: the candidate, the allocation
-    experiment's results and their folder) the sweep's section and plot."""
+    """docs/moe_baseline.md: the search's table (``rows``, then the ``kept`` rows of the page
+    before), then (``sweep``: the candidate, the allocation experiment's results and their
+    folder) the sweep's section and plot."""
     lines = [
         "# A baseline that earns its parameters (issue 12, item 7)",
         "",
@@ -238,9 +279,11 @@ def write_page(
             + ", ".join(f"{s}: {m:+.3f}" for s, m in r.get("margin_by_step", {}).items())
             + " |"
         )
+    lines += kept
     lines.append("")
     if sweep is None:
         clear = [r["candidate"] for r in rows if r["clear"]]
+        clear += [cells(line)[0] for line in kept if cells(line)[8] == "yes"]
         lines.append(
             f"Clear: {', '.join(clear)}; `--sweep` runs the allocation sweep at the first."
             if clear

@@ -138,7 +138,21 @@ def test_moe_baseline_dense_first_trains_the_dense_model_before_the_moe(
     monkeypatch.chdir(tmp_path)
     argv = ["moe_baseline", "--smoke", "--seeds", "0", "--candidates", "demo", "--dense-first"]
     monkeypatch.setattr(sys, "argv", [*argv, "--records", "rec"])
+    # A page written before, by searches whose runs this clone lacks: rows this call does not
+    # redo are kept as they were; the row of demo at seed 0, which it redoes, is replaced.
+    page = tmp_path / "runs/moe_baseline/moe_baseline.md"
+    page.parent.mkdir(parents=True)
+    header = "| candidate | a | b | seeds | c | d | e | f | clear | g |"
+    old_rows = [
+        "| demo | - | - | [0] | 9.0000 | 9.5000 | +0.5000 (one seed) | 1.00 | no | 3: +0.500 |",
+        "| narrow | x | - | [7] | 5.0000 | 5.1000 | +0.1000 (one seed) | 2.00 | yes | 3: +0.1 |",
+    ]
+    page.write_text("\n".join(["# old", "", header, "|---|", *old_rows, "", "old text"]) + "\n")
     recipe.main()
+    lines = page.read_text().splitlines()
+    assert old_rows[1] in lines and old_rows[0] not in lines
+    assert any(line.startswith("| demo | - | - | [0] |") for line in lines)
+    assert "Clear: narrow" in lines[-1] and "old text" not in lines
     models = tmp_path / "runs/moe_baseline/models"
     finished = {
         k: (models / f"demo-{k}-seed0/result.json").stat().st_mtime_ns for k in ("moe", "dense")
