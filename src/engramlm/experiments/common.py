@@ -275,7 +275,8 @@ BEHAVIOUR_VERSION = 2
 def write_record(path: Path, key: str, wanted: dict[str, Any], result: TrainResult) -> None:
     """Keep a finished run's result as ``path`` (atomically): the configuration it was trained
     with (what its digest hashes), the machine (runs are stored locally, so the one it trained
-    on), and the result (with the training's thread count)."""
+    on; the thread count in that line is the recording process's), and the result, whose
+    ``threads`` is the training's own count."""
     doc = {
         "key": key,
         "config": wanted,
