@@ -47,6 +47,19 @@ LONG = {"steps": 1200, "warmup_steps": 120, "eval_every": 400}
 # (+0.017 / +0.005), after trailing it at 300; the next length to try.
 LONGER = {"steps": 4800, "warmup_steps": 480, "eval_every": 1200}
 NARROW = {"num_experts": 32, "expert_hidden_size": 64, "ffn_hidden_size": 192}
+# Half the width (activated FFN 384): about twice the steps per second on one core, so twice
+# `long`'s steps, each token a larger share of the model: the dense model's non-embedding
+# weights see ~5.8 training tokens each (`long`: 0.7, `longer`: 2.9).
+SMALL = {
+    "hidden_size": 128,
+    "num_heads": 2,
+    "num_kv_heads": 2,
+    "ffn_hidden_size": 384,
+    "expert_hidden_size": 128,
+}
+# pydocs has 2.66M training tokens, so `longer` (9.8M) went over it 3.7 times; the kernel's
+# documentation (DATA.md; 14.9M training tokens, 416 held-out documents) is seen once at most.
+KERNEL = {"data": "kernel-docs", "steps": 2400, "warmup_steps": 240, "eval_every": 600}
 # name: (MoE field changes, training changes)
 CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "demo": ({}, {}),
@@ -64,6 +77,7 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # 32 routed experts: the iso-FLOP dense model (FFN 192) is capacity-starved sooner.
     "narrow": (NARROW, {}),
     "narrow-scaled": ({**NARROW, "moe_routed_scale": 2.0}, {}),
+    "small-kernel": (SMALL, KERNEL),
 }
 MIN_MARGIN = 0.02
 

@@ -100,6 +100,10 @@ class Context:
     # no weights, so ``load`` still needs the run itself. None = no records.
     records_root: Path | None = None
     started: float = field(default_factory=time.time)
+    # Corpora of training configs that name other data than the default (``corpus_for``).
+    _corpora: dict[tuple[str, int, float], PreparedCorpus] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not self.scale > 0:
@@ -162,6 +166,21 @@ class Context:
         cfg = self.train_config()
         return prepare_corpus(cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction)
 
+    def corpus_for(self, train_cfg: TrainConfig) -> PreparedCorpus:
+        """The corpus ``train_cfg`` trains on: :attr:`corpus` when it names the default data,
+        vocabulary size and validation share, else the one it names, prepared once. Every seed
+        gets the same split (drawn with seed 0): margins between seeds compare one set of
+        held-out documents."""
+        key = (train_cfg.data, train_cfg.vocab_size, train_cfg.val_fraction)
+        base = self.train_config()
+        if key == (base.data, base.vocab_size, base.val_fraction):
+            return self.corpus
+        if key not in self._corpora:
+            self._corpora[key] = prepare_corpus(
+                train_cfg.data, vocab_size=train_cfg.vocab_size, val_fraction=train_cfg.val_fraction
+            )
+        return self._corpora[key]
+
     # --- training ------------------------------------------------------------------------------
     def train(
         self, key: str, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None
@@ -221,7 +240,7 @@ class Context:
                     model_cfg,
                     train_cfg,
                     resume=run_dir.exists(),
-                    corpus=self.corpus,
+                    corpus=self.corpus_for(train_cfg),
                     progress=self.progress,
                     device=self.device,
                 )
