@@ -265,3 +265,31 @@ def test_finished_runs_are_kept_as_records_and_read_back_without_their_runs(
     record.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="Delete it to retrain"):
         fresh.train("moe", fresh.base_moe, cfg)
+
+
+def test_a_run_trains_on_the_corpus_its_training_config_names(tmp_path: Path) -> None:
+    """A recipe's candidate that names other data than the experiment's default trains on that
+    data (its own tokenizer), not on the default corpus; the default stays the default."""
+    import sysconfig
+
+    from engramlm.data import prepare_corpus
+
+    text = tmp_path / "text"
+    text.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap", "argparse", "difflib", "pprint", "shlex", "fractions"):
+        (text / f"{name}.txt").write_text((stdlib / f"{name}.py").read_text() * 2)
+    ctx = Context(name="data", out_root=tmp_path / "runs", smoke=True, progress=False)
+    other = ctx.train_config(steps=2, eval_every=2, data=str(text), val_fraction=0.2)
+    ctx.train("other", ctx.base_moe, other)
+    ctx.train("default", ctx.base_moe, ctx.train_config(steps=2, eval_every=2))
+    runs = tmp_path / "runs" / "data" / "models"
+    fingerprint = {
+        key: json.loads((runs / key / "config.json").read_text())["tokenizer_fingerprint"]
+        for key in ("other", "default")
+    }
+    wanted = prepare_corpus(str(text), vocab_size=other.vocab_size, val_fraction=0.2)
+    assert fingerprint["other"] == wanted.compressed_vocab.fingerprint
+    assert fingerprint["default"] == ctx.corpus.compressed_vocab.fingerprint
+    assert fingerprint["other"] != fingerprint["default"]
+    assert ctx.corpus_for(other) is ctx.corpus_for(other)  # prepared once
