@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engramlm.compare import dense_iso_flop
+from engramlm.compare import dense_iso_flop, dense_iso_param
 from engramlm.experiments import allocation
 from engramlm.experiments.common import Context, machine
 
@@ -106,6 +106,12 @@ def main() -> None:
         "trains the other model beside the first (the runs' lock stops a double training)",
     )
     parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also train the dense model with all the experts' parameters in every FFN "
+        "(compare.dense_iso_param): how much the MoE's parameters could buy without routing",
+    )
+    parser.add_argument(
         "--records",
         default=None,
         help="folder of finished runs' results, by digest (default docs/records; none with "
@@ -129,18 +135,21 @@ def main() -> None:
         # As the allocation experiment builds its rho = 1 model (same digest: the sweep reuses it)
         moe = dataclasses.replace(ctx.base_moe, **moe_changes)
         dense = dense_iso_flop(moe)
-        margins, moe_losses, dense_losses, balance = [], [], [], []
+        margins, moe_losses, dense_losses, balance, ceilings = [], [], [], [], []
         curves: list[dict[int, float]] = []  # per seed: evaluation step -> margin
         for seed in seeds:
             cfg = ctx.train_config(seed=seed, **train_changes)
-            models = {"moe": moe, "dense": dense}
+            models = {"moe": moe, "dense": dense, "ceiling": dense_iso_param(moe)}
             order = ("dense", "moe") if args.dense_first else ("moe", "dense")
+            order += ("ceiling",) if args.ceiling else ()
             done = {k: ctx.train(f"{name}-{k}-seed{seed}", models[k], cfg) for k in order}
             m, d = done["moe"], done["dense"]
             moe_losses.append(m.val_loss)
             dense_losses.append(d.val_loss)
             margins.append(d.val_loss - m.val_loss)
             balance.append(imbalance(m.expert_load))
+            if args.ceiling:
+                ceilings.append(done["ceiling"].val_loss)
             moe_curve, dense_curve = val_curve(m.history), val_curve(d.history)
             curves.append({s: dense_curve[s] - moe_curve[s] for s in moe_curve if s in dense_curve})
         spread = statistics.stdev(margins) if len(margins) > 1 else float("nan")
@@ -157,6 +166,7 @@ def main() -> None:
             "margin_mean": mean,
             "margin_sd": spread,
             "imbalance": balance,
+            "ceiling_val_loss": ceilings,  # empty without --ceiling
             "clear": clear,
             # Mean margin over the seeds at every evaluation (all on the same schedule): how
             # the margin grows with training, not only where it ends.
@@ -251,6 +261,36 @@ def val_curve(history: list[dict[str, float]]) -> dict[int, float]:
     return {int(row["step"]): row["val_loss"] for row in history if "val_loss" in row}
 
 
+def ceiling_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The page's table of the candidates searched with ``--ceiling`` (none: no lines)."""
+    rows = [r for r in rows if r.get("ceiling_val_loss")]
+    if not rows:
+        return []
+    lines = [
+        "## What the experts' parameters could buy",
+        "",
+        "`--ceiling` also trains, at each seed, the dense model with all of an MoE layer's experts",
+        "(routed and shared) in every FFN (`compare.dense_iso_param`): the MoE's parameters",
+        "without routing, at (experts + shared) / (top-k + shared) times the FFN FLOPs. Its gain",
+        "over the iso-FLOP dense model bounds what the MoE's extra parameters can buy at that",
+        "setting; the MoE's share is its margin over that gain (means over the seeds).",
+        "",
+        "| candidate | seeds | dense iso-FLOP | MoE | dense iso-parameter | gain of the parameters "
+        "| MoE's share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        dense = statistics.fmean(r["dense_val_loss"])
+        gain = dense - statistics.fmean(r["ceiling_val_loss"])
+        share = f"{r['margin_mean'] / gain:.0%}" if gain > 0 else "-"
+        lines.append(
+            f"| {r['candidate']} | {r['seeds']} | {dense:.4f} | "
+            f"{statistics.fmean(r['moe_val_loss']):.4f} | "
+            f"{statistics.fmean(r['ceiling_val_loss']):.4f} | {gain:+.4f} | {share} |"
+        )
+    return [*lines, ""]
+
+
 def write_page(
     page: Path,
     rows: list[dict[str, Any]],
@@ -295,6 +335,7 @@ def write_page(
         )
     lines += kept
     lines.append("")
+    lines += ceiling_section(rows)
     if sweep is None:
         clear = [r["candidate"] for r in rows if r["clear"]]
         clear += [cells(line)[0] for line in kept if cells(line)[8] == "yes"]

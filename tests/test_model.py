@@ -162,6 +162,23 @@ def test_dense_iso_flop_matches_activated_width_and_ignores_routing() -> None:
     assert dense_iso_flop(tuned) == dense  # one dense model, however the routing was tuned
 
 
+def test_dense_iso_param_holds_every_expert_in_each_ffn() -> None:
+    from engramlm.compare import dense_iso_param
+
+    cfg = dataclasses.replace(CONFIGS["moe"], ffn_hidden_size=96)
+    wide = dense_iso_param(cfg)
+    assert wide.num_experts == 0 and wide.first_dense_layers == cfg.num_layers
+    moe_layers = cfg.num_layers - cfg.first_dense_layers
+    # Each MoE layer's routed + shared experts, as one SwiGLU: 3 D x (E + s) F_e parameters.
+    expert_params = 3 * cfg.hidden_size * (cfg.num_experts + cfg.num_shared_experts)
+    expert_params *= cfg.expert_hidden_size
+    wide_ffn = 3 * cfg.hidden_size * wide.ffn_hidden_size
+    assert wide_ffn == expert_params
+    routers = moe_layers * cfg.hidden_size * cfg.num_experts
+    extra_first = cfg.first_dense_layers * (wide_ffn - 3 * cfg.hidden_size * 96)
+    assert model_stats(wide).total_params == model_stats(cfg).total_params - routers + extra_first
+
+
 def test_allocate_rho_one_is_pure_moe() -> None:
     cfg = CONFIGS["moe"]
     assert allocate(cfg, 1.0) == cfg

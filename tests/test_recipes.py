@@ -256,3 +256,40 @@ def test_results_changes_lists_what_a_rerun_moved(tmp_path) -> None:
     rendered = report.render(tmp_path / "runs", tmp_path / "img", previous=written)
     assert report.changes_block(rendered) == report.changes_block(written)
     assert "minimum at rho = 0.8." in rendered  # the sections kept from the page as well
+
+
+def test_moe_baseline_ceiling_trains_the_iso_parameter_dense_model(tmp_path, monkeypatch) -> None:
+    """``--ceiling`` adds, per seed, the dense model holding every expert of an MoE layer in
+    each FFN, and the page's section computes its gain and the MoE's share from those runs."""
+    import importlib.util
+    import statistics
+    import sys
+
+    spec = importlib.util.spec_from_file_location("moe_baseline", RECIPES / "moe_baseline.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.chdir(tmp_path)
+    argv = ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo", "--ceiling"]
+    monkeypatch.setattr(sys, "argv", argv)
+    recipe.main()
+    out = tmp_path / "runs/moe_baseline"
+    moe = json.loads((out / "models/demo-moe-seed0/config.json").read_text())["model"]
+    wide = json.loads((out / "models/demo-ceiling-seed1/config.json").read_text())["model"]
+    assert wide["num_experts"] == 0
+    width = (moe["num_experts"] + moe["num_shared_experts"]) * moe["expert_hidden_size"]
+    assert wide["ffn_hidden_size"] == width and moe["hidden_size"] == wide["hidden_size"]
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    ceiling = [
+        json.loads((out / f"models/demo-ceiling-seed{s}/result.json").read_text())["val_loss"]
+        for s in (0, 1)
+    ]
+    assert row["ceiling_val_loss"] == ceiling
+    dense = statistics.fmean(row["dense_val_loss"])
+    gain = dense - statistics.fmean(ceiling)
+    page = (out / "moe_baseline.md").read_text()
+    assert "## What the experts' parameters could buy" in page
+    (line,) = [x for x in page.splitlines() if x.startswith("| demo | [0, 1] |")]
+    cells = recipe.cells(line)
+    assert cells[2] == f"{dense:.4f}" and cells[5] == f"{gain:+.4f}"
+    share = f"{row['margin_mean'] / gain:.0%}" if gain > 0 else "-"
+    assert cells[6] == share

@@ -85,6 +85,15 @@ def dense_iso_flop(moe: ModelConfig) -> ModelConfig:
     )
 
 
+def dense_iso_param(moe: ModelConfig) -> ModelConfig:
+    """A dense model whose every FFN is as wide as an MoE layer's experts all together,
+    (routed + shared) x expert width: what the MoE's parameters could buy with no routing, at
+    (experts + shared) / (top-k + shared) times its FFN FLOPs. An upper bound for the MoE (its
+    leading dense layers widen too, so it has a little more than the MoE's parameters)."""
+    width = (moe.num_experts + moe.num_shared_experts) * moe.expert_hidden_size
+    return dataclasses.replace(dense_iso_flop(moe), ffn_hidden_size=width)
+
+
 def build_models(
     moe: ModelConfig, engram: EngramConfig, rho: float, vocab_size: int
 ) -> dict[str, ModelConfig]:
