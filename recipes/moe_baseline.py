@@ -38,9 +38,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engramlm.compare import dense_iso_flop, dense_iso_param
 from engramlm.experiments import allocation
 from engramlm.experiments.common import Context, machine
+from engramlm.experiments.pair import batches, heldout_windows
+from engramlm.model import EngramLM, MoE
 
 LONG = {"steps": 1200, "warmup_steps": 120, "eval_every": 400}
 # 16x the demo's steps: at 1,200 the MoE led the dense model at both seeds, by +0.011 on average
@@ -89,6 +93,56 @@ def imbalance(expert_load: list[list[float]] | None) -> float:
     return max(max(layer) / statistics.fmean(layer) for layer in expert_load if layer)
 
 
+PROBE_WINDOWS = 160  # held-out windows of the routing probe (20k tokens at T = 128)
+
+
+def routing_probe(model: EngramLM, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Held-out loss of a trained MoE as routed (``learned``), with every token sent to top-k
+    experts drawn at random, gate weights 1/k (``random``), and with the routed experts'
+    output removed, the shared expert kept (``none``). Experts that sit idle or do the same
+    thing give ``random`` close to ``learned``; specialised ones, close to ``none``."""
+
+    def loss() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for x, y in zip(batches(inputs), batches(targets), strict=True):
+                total += float(model(x, targets=y).loss) * y.numel()
+        return total / targets.numel()
+
+    generator = torch.Generator().manual_seed(0)
+
+    def random_route(moe: MoE, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        draw = torch.rand(flat.shape[0], moe.num_experts, generator=generator)
+        experts = draw.argsort(dim=-1)[:, : moe.top_k]
+        return experts, torch.full(experts.shape, 1.0 / moe.top_k)
+
+    def no_route(moe: MoE, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        experts, weights = MoE.route(moe, flat)
+        return experts, torch.zeros_like(weights)
+
+    moes = list(model.moe_layers().values())
+    result = {"learned": loss()}
+    for name, route in (("random", random_route), ("none", no_route)):
+        for moe in moes:  # an instance attribute shadows the method, for this probe only
+            moe.route = route.__get__(moe)
+        try:
+            result[name] = loss()
+        finally:
+            for moe in moes:
+                del moe.route
+    return result
+
+
+def probe(ctx: Context, key: str, cfg: Any) -> dict[str, float] | None:
+    """:func:`routing_probe` of the trained MoE ``key``; None when only its record is here."""
+    if not (ctx.out_dir / "models" / key / "config.json").exists():
+        return None
+    inputs, targets = heldout_windows(
+        ctx.corpus_for(cfg), cfg.seq_len, 4 if ctx.smoke else PROBE_WINDOWS
+    )
+    return routing_probe(ctx.load(key), inputs, targets)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -110,6 +164,12 @@ def main() -> None:
         action="store_true",
         help="also train the dense model with all the experts' parameters in every FFN "
         "(compare.dense_iso_param): how much the MoE's parameters could buy without routing",
+    )
+    parser.add_argument(
+        "--probe-routing",
+        action="store_true",
+        help="score each MoE whose weights are in runs/ with random and with no routed experts "
+        "(routing_probe): are its experts idle or specialised?",
     )
     parser.add_argument(
         "--records",
@@ -136,6 +196,7 @@ def main() -> None:
         moe = dataclasses.replace(ctx.base_moe, **moe_changes)
         dense = dense_iso_flop(moe)
         margins, moe_losses, dense_losses, balance, ceilings = [], [], [], [], []
+        probes: list[dict[str, float] | None] = []
         curves: list[dict[int, float]] = []  # per seed: evaluation step -> margin
         for seed in seeds:
             cfg = ctx.train_config(seed=seed, **train_changes)
@@ -150,6 +211,8 @@ def main() -> None:
             balance.append(imbalance(m.expert_load))
             if args.ceiling:
                 ceilings.append(done["ceiling"].val_loss)
+            if args.probe_routing:
+                probes.append(probe(ctx, f"{name}-moe-seed{seed}", cfg))
             moe_curve, dense_curve = val_curve(m.history), val_curve(d.history)
             curves.append({s: dense_curve[s] - moe_curve[s] for s in moe_curve if s in dense_curve})
         spread = statistics.stdev(margins) if len(margins) > 1 else float("nan")
@@ -167,6 +230,7 @@ def main() -> None:
             "margin_sd": spread,
             "imbalance": balance,
             "ceiling_val_loss": ceilings,  # empty without --ceiling
+            "routing_probe": probes,  # per seed, None where the MoE's weights are not in runs/
             "clear": clear,
             # Mean margin over the seeds at every evaluation (all on the same schedule): how
             # the margin grows with training, not only where it ends.
@@ -291,6 +355,38 @@ def ceiling_section(rows: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def probe_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The page's table of ``--probe-routing`` results, a line per probed seed."""
+    probed = [
+        (r["candidate"], seed, p)
+        for r in rows
+        for seed, p in zip(r["seeds"], r.get("routing_probe") or [], strict=False)
+        if p is not None
+    ]
+    if not probed:
+        return []
+    lines = [
+        "## Are the experts idle?",
+        "",
+        f"`--probe-routing` scores each trained MoE on the first {PROBE_WINDOWS} held-out windows",
+        "as routed, with every token sent to top-k experts drawn at random (gate weights 1/k), and",
+        "with its routed experts removed (the shared expert kept). Idle or interchangeable experts",
+        "make random routing cost little; specialised ones make it cost about as much as having",
+        "none (share: random's cost over none's).",
+        "",
+        "| candidate | seed | as routed | random routing | no routed experts | share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, seed, p in probed:
+        cost, none = p["random"] - p["learned"], p["none"] - p["learned"]
+        share = f"{cost / none:.0%}" if none > 0 else "-"
+        lines.append(
+            f"| {name} | {seed} | {p['learned']:.4f} | {p['random']:.4f} | {p['none']:.4f} | "
+            f"{share} |"
+        )
+    return [*lines, ""]
+
+
 def write_page(
     page: Path,
     rows: list[dict[str, Any]],
@@ -336,6 +432,7 @@ def write_page(
     lines += kept
     lines.append("")
     lines += ceiling_section(rows)
+    lines += probe_section(rows)
     if sweep is None:
         clear = [r["candidate"] for r in rows if r["clear"]]
         clear += [cells(line)[0] for line in kept if cells(line)[8] == "yes"]

@@ -258,9 +258,11 @@ def test_results_changes_lists_what_a_rerun_moved(tmp_path) -> None:
     assert "minimum at rho = 0.8." in rendered  # the sections kept from the page as well
 
 
-def test_moe_baseline_ceiling_trains_the_iso_parameter_dense_model(tmp_path, monkeypatch) -> None:
+def test_moe_baseline_ceiling_and_routing_probe(tmp_path, monkeypatch) -> None:
     """``--ceiling`` adds, per seed, the dense model holding every expert of an MoE layer in
-    each FFN, and the page's section computes its gain and the MoE's share from those runs."""
+    each FFN, and the page's section computes its gain and the MoE's share from those runs;
+    ``--probe-routing`` scores each MoE as routed, randomly routed and without routed experts
+    (the last checked against the model with its experts' output weights zeroed)."""
     import importlib.util
     import statistics
     import sys
@@ -270,6 +272,7 @@ def test_moe_baseline_ceiling_trains_the_iso_parameter_dense_model(tmp_path, mon
     spec.loader.exec_module(recipe)
     monkeypatch.chdir(tmp_path)
     argv = ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo", "--ceiling"]
+    argv.append("--probe-routing")
     monkeypatch.setattr(sys, "argv", argv)
     recipe.main()
     out = tmp_path / "runs/moe_baseline"
@@ -293,3 +296,25 @@ def test_moe_baseline_ceiling_trains_the_iso_parameter_dense_model(tmp_path, mon
     assert cells[2] == f"{dense:.4f}" and cells[5] == f"{gain:+.4f}"
     share = f"{row['margin_mean'] / gain:.0%}" if gain > 0 else "-"
     assert cells[6] == share
+    # The routing probe, recomputed here on the same held-out windows.
+    import torch
+
+    from engramlm.experiments.pair import heldout_windows
+    from engramlm.train import load_run
+
+    model, _ = load_run(out / "models/demo-moe-seed0")
+    model.eval()
+    corpus = recipe.Context(name="x", smoke=True, out_root=tmp_path / "x").corpus
+    seq_len = json.loads((out / "models/demo-moe-seed0/config.json").read_text())["train"][
+        "seq_len"
+    ]
+    x, y = heldout_windows(corpus, seq_len, 4)
+    probe = row["routing_probe"][0]
+    with torch.no_grad():
+        assert float(model(x, targets=y).loss) == pytest.approx(probe["learned"], abs=1e-5)
+        for moe in model.moe_layers().values():
+            moe.down_proj.zero_()
+        assert float(model(x, targets=y).loss) == pytest.approx(probe["none"], abs=1e-5)
+    assert probe["random"] != probe["learned"] and len(row["routing_probe"]) == 2
+    assert "## Are the experts idle?" in page
+    assert any(x.startswith("| demo | 1 | ") for x in page.splitlines())
