@@ -293,3 +293,26 @@ def test_a_run_trains_on_the_corpus_its_training_config_names(tmp_path: Path) ->
     assert fingerprint["default"] == ctx.corpus.compressed_vocab.fingerprint
     assert fingerprint["other"] != fingerprint["default"]
     assert ctx.corpus_for(other) is ctx.corpus_for(other)  # prepared once
+
+
+def test_a_run_is_scored_on_the_split_it_was_held_out_from(tmp_path: Path) -> None:
+    """An experiment splits its corpus once (seed 0) for every training seed: scoring a seed-1
+    run later rebuilds the seed-0 split its config.json keeps, and gives its final validation
+    loss; a run that does not keep its split and cannot be rebuilt from its training seed is
+    refused, naming --split-seed."""
+    from engramlm.train import evaluate_run
+
+    ctx = Context(name="split", out_root=tmp_path, smoke=True, progress=False)
+    cfg = ctx.train_config(steps=2, eval_every=2, seed=1)
+    result = ctx.train("moe", ctx.base_moe, cfg)
+    run = (tmp_path / "split" / "models" / "moe").resolve()
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["split"] == {"seed": 0, "tuning": False}
+    loss, _, _ = evaluate_run(run, max_batches=cfg.eval_batches)
+    assert loss == pytest.approx(result.val_loss, abs=1e-6)
+    del saved["split"]  # as runs were written before they kept their split
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="--split-seed 0"):
+        evaluate_run(run, max_batches=cfg.eval_batches)
+    loss, _, _ = evaluate_run(run, max_batches=cfg.eval_batches, split_seed=0)
+    assert loss == pytest.approx(result.val_loss, abs=1e-6)

@@ -90,7 +90,11 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from engramlm.train import evaluate_run
 
     loss, bpb, tokens = evaluate_run(
-        args.run, data=args.data, max_batches=args.max_batches, table_storage=args.table_storage
+        args.run,
+        data=args.data,
+        max_batches=args.max_batches,
+        table_storage=args.table_storage,
+        split_seed=args.split_seed,
     )
     print(
         f"{args.data or 'validation split'}: loss {loss:.4f} nats, {bpb:.4f} bits/byte, "
@@ -279,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="a run folder written by `engramlm train`")
     p.add_argument("--data", help="a text file/folder/.jsonl to score instead of the val split")
     p.add_argument("--max-batches", type=int, default=None, help="score at most this many")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="seed of the run's train/validation split, for runs whose config.json does not "
+        "keep it (default: the one it keeps, else the training seed)",
+    )
     p.add_argument(
         "--table-storage",
         choices=["device", "host", "disk"],

@@ -768,6 +768,10 @@ class PreparedCorpus:
     compressed_vocab: CompressedVocab
     train: TokenFile
     val: TokenFile
+    # How the documents were split (``prepare_corpus``'s seed and tuning flag): a run keeps
+    # them, so that its validation split (and tokenizer) can be rebuilt to score it later.
+    split_seed: int = 0
+    tuning: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -822,6 +826,8 @@ def prepare_corpus(
         compressed_vocab=CompressedVocab.from_tokenizer(tokenizer),
         train=files["train"],
         val=files["val"],
+        split_seed=seed,
+        tuning=tuning,
     )
     logger.info("prepared %s: %s", source, corpus.stats())
     return corpus

@@ -399,6 +399,8 @@ def train(
         "model": model_cfg.to_dict(),
         "train": cfg.to_dict(),
         "tokenizer_fingerprint": corpus.compressed_vocab.fingerprint,
+        # The experiments split once (seed 0) for every training seed: kept for `evaluate_run`.
+        "split": {"seed": corpus.split_seed, "tuning": corpus.tuning},
     }
 
     tables_dir = cfg.table_plan.path
@@ -681,15 +683,22 @@ def evaluate_run(
     data: str | None = None,
     max_batches: int | None = None,
     table_storage: TableKind | None = None,
+    split_seed: int | None = None,
 ) -> tuple[float, float, int]:
     """(loss nats, bits per byte, tokens scored) of a run on its validation split or ``data``.
 
-    ``table_storage`` places the Engram tables (default: the tier the run trained on); disk
-    tables are rebuilt from the checkpoint in a temporary folder inside the run.
+    The validation split is rebuilt as the run was split: the seed its ``config.json`` keeps
+    (runs written before it kept one: the training seed, or ``split_seed``), and refused if that
+    gives another tokenizer than the run's. ``table_storage`` places the Engram tables (default:
+    the tier the run trained on); disk tables are rebuilt from the checkpoint in a temporary
+    folder inside the run.
     """
-    cfg = TrainConfig.from_dict(
-        json.loads((check_run_dir(run_dir) / "config.json").read_text())["train"]
-    )
+    saved = json.loads((check_run_dir(run_dir) / "config.json").read_text())
+    cfg = TrainConfig.from_dict(saved["train"])
+    split = dict(saved.get("split") or {"seed": cfg.seed, "tuning": False})
+    if split_seed is not None:
+        split["seed"] = split_seed
+    split["fingerprint"] = saved.get("tokenizer_fingerprint")
     storage = table_storage or cfg.table_storage
     with contextlib.ExitStack() as stack:
         live = None
@@ -698,11 +707,16 @@ def evaluate_run(
         plan = TablePlan(storage, path=live, cache_mb=cfg.table_cache_mb)
         model, tokenizer = load_run(run_dir, tables=plan)
         stack.callback(model.close_tables)
-        return _evaluate_text(model, tokenizer, cfg, data, max_batches)
+        return _evaluate_text(model, tokenizer, cfg, data, max_batches, split)
 
 
 def _evaluate_text(
-    model: EngramLM, tokenizer: Any, cfg: TrainConfig, data: str | None, max_batches: int | None
+    model: EngramLM,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    data: str | None,
+    max_batches: int | None,
+    split: dict[str, Any],
 ) -> tuple[float, float, int]:
     import numpy as np
 
@@ -710,8 +724,20 @@ def _evaluate_text(
 
     if data is None:
         corpus = prepare_corpus(
-            cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, seed=cfg.seed
+            cfg.data,
+            vocab_size=cfg.vocab_size,
+            val_fraction=cfg.val_fraction,
+            seed=split["seed"],
+            tuning=split["tuning"],
         )
+        if split["fingerprint"] not in (None, corpus.compressed_vocab.fingerprint):
+            raise ValueError(
+                f"the run's validation split cannot be rebuilt: {cfg.data!r} split with seed "
+                f"{split['seed']} gives another tokenizer than the run's. Runs of `engramlm "
+                "experiment` and the recipes written before runs kept their split were split "
+                "with seed 0 whatever their training seed: pass --split-seed 0 (or score text "
+                "of yours with --data)"
+            )
         tokens, num_bytes = corpus.val.tokens, corpus.val.stats()["bytes"]
     else:
         docs = load_documents(data)
