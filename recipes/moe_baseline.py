@@ -165,9 +165,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--ceiling",
-        action="store_true",
-        help="also train the dense model with all the experts' parameters in every FFN "
-        "(compare.dense_iso_param): how much the MoE's parameters could buy without routing",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="SEEDS",
+        help="also train, at these seeds (default: all), the dense model with all the experts' "
+        "parameters in every FFN (compare.dense_iso_param): what they buy without routing",
     )
     parser.add_argument(
         "--probe-routing",
@@ -186,6 +189,11 @@ def main() -> None:
     if args.sweep_at is not None and args.sweep_at not in args.candidates.split(","):
         parser.error(f"--sweep-at {args.sweep_at}: not among --candidates {args.candidates}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
+    ceiling_seeds = set(seeds) if args.ceiling == "" else set()
+    if args.ceiling:
+        ceiling_seeds = {int(s) for s in args.ceiling.split(",")}
+        if not ceiling_seeds <= set(seeds):
+            parser.error(f"--ceiling {args.ceiling}: not all among --seeds {args.seeds}")
     names = args.candidates.split(",")
     unknown = sorted(set(names) - set(CANDIDATES))
     if unknown:
@@ -206,15 +214,14 @@ def main() -> None:
             cfg = ctx.train_config(seed=seed, **train_changes)
             models = {"moe": moe, "dense": dense, "ceiling": dense_iso_param(moe)}
             order = ("dense", "moe") if args.dense_first else ("moe", "dense")
-            order += ("ceiling",) if args.ceiling else ()
+            order += ("ceiling",) if seed in ceiling_seeds else ()
             done = {k: ctx.train(f"{name}-{k}-seed{seed}", models[k], cfg) for k in order}
             m, d = done["moe"], done["dense"]
             moe_losses.append(m.val_loss)
             dense_losses.append(d.val_loss)
             margins.append(d.val_loss - m.val_loss)
             balance.append(imbalance(m.expert_load))
-            if args.ceiling:
-                ceilings.append(done["ceiling"].val_loss)
+            ceilings.append(done["ceiling"].val_loss if seed in ceiling_seeds else None)
             if args.probe_routing:
                 probes.append(probe(ctx, f"{name}-moe-seed{seed}", cfg))
             moe_curve, dense_curve = val_curve(m.history), val_curve(d.history)
@@ -233,7 +240,7 @@ def main() -> None:
             "margin_mean": mean,
             "margin_sd": spread,
             "imbalance": balance,
-            "ceiling_val_loss": ceilings,  # empty without --ceiling
+            "ceiling_val_loss": ceilings,  # per seed, None where --ceiling did not train it
             "routing_probe": probes,  # per seed, None where the MoE's weights are not in runs/
             "clear": clear,
             # Mean margin over the seeds at every evaluation (all on the same schedule): how
@@ -330,31 +337,39 @@ def val_curve(history: list[dict[str, float]]) -> dict[int, float]:
 
 
 def ceiling_section(rows: list[dict[str, Any]]) -> list[str]:
-    """The page's table of the candidates searched with ``--ceiling`` (none: no lines)."""
-    rows = [r for r in rows if r.get("ceiling_val_loss")]
-    if not rows:
+    """The page's table of the seeds searched with ``--ceiling``, a line each (none: none)."""
+    runs = [
+        (r["candidate"], seed, dense, moe, ceiling)
+        for r in rows
+        for seed, dense, moe, ceiling in zip(
+            r["seeds"],
+            r["dense_val_loss"],
+            r["moe_val_loss"],
+            r.get("ceiling_val_loss") or [],  # rows of calls without --ceiling: none
+            strict=False,
+        )
+        if ceiling is not None
+    ]
+    if not runs:
         return []
     lines = [
         "## What the experts' parameters could buy",
         "",
-        "`--ceiling` also trains, at each seed, the dense model with all of an MoE layer's experts",
-        "(routed and shared) in every FFN (`compare.dense_iso_param`): the MoE's parameters",
-        "without routing, at (experts + shared) / (top-k + shared) times the FFN FLOPs. Its gain",
-        "over the iso-FLOP dense model bounds what the MoE's extra parameters can buy at that",
-        "setting; the MoE's share is its margin over that gain (means over the seeds).",
+        "`--ceiling` also trains the dense model with all of an MoE layer's experts (routed and",
+        "shared) in every FFN (`compare.dense_iso_param`): the MoE's parameters without routing,",
+        "at (experts + shared) / (top-k + shared) times the FFN FLOPs. Its gain over the iso-FLOP",
+        "dense model is what those parameters buy at that setting and seed without routing; the",
+        "MoE's share is its margin over that gain.",
         "",
-        "| candidate | seeds | dense iso-FLOP | MoE | dense iso-parameter | gain of the parameters "
+        "| candidate | seed | dense iso-FLOP | MoE | dense iso-parameter | gain of the parameters "
         "| MoE's share |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        dense = statistics.fmean(r["dense_val_loss"])
-        gain = dense - statistics.fmean(r["ceiling_val_loss"])
-        share = f"{r['margin_mean'] / gain:.0%}" if gain > 0 else "-"
+    for name, seed, dense, moe, ceiling in runs:
+        gain = dense - ceiling
+        share = f"{(dense - moe) / gain:.0%}" if gain > 0 else "-"
         lines.append(
-            f"| {r['candidate']} | {r['seeds']} | {dense:.4f} | "
-            f"{statistics.fmean(r['moe_val_loss']):.4f} | "
-            f"{statistics.fmean(r['ceiling_val_loss']):.4f} | {gain:+.4f} | {share} |"
+            f"| {name} | {seed} | {dense:.4f} | {moe:.4f} | {ceiling:.4f} | {gain:+.4f} | {share} |"
         )
     return [*lines, ""]
 

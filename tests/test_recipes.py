@@ -264,14 +264,13 @@ def test_moe_baseline_ceiling_and_routing_probe(tmp_path, monkeypatch) -> None:
     ``--probe-routing`` scores each MoE as routed, randomly routed and without routed experts
     (the last checked against the model with its experts' output weights zeroed)."""
     import importlib.util
-    import statistics
     import sys
 
     spec = importlib.util.spec_from_file_location("moe_baseline", RECIPES / "moe_baseline.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     monkeypatch.chdir(tmp_path)
-    argv = ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo", "--ceiling"]
+    argv = ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo", "--ceiling", "1"]
     argv.append("--probe-routing")
     monkeypatch.setattr(sys, "argv", argv)
     recipe.main()
@@ -282,19 +281,21 @@ def test_moe_baseline_ceiling_and_routing_probe(tmp_path, monkeypatch) -> None:
     width = (moe["num_experts"] + moe["num_shared_experts"]) * moe["expert_hidden_size"]
     assert wide["ffn_hidden_size"] == width and moe["hidden_size"] == wide["hidden_size"]
     (row,) = json.loads((out / "results.json").read_text())["rows"]
-    ceiling = [
-        json.loads((out / f"models/demo-ceiling-seed{s}/result.json").read_text())["val_loss"]
-        for s in (0, 1)
-    ]
-    assert row["ceiling_val_loss"] == ceiling
-    dense = statistics.fmean(row["dense_val_loss"])
-    gain = dense - statistics.fmean(ceiling)
+    assert not (out / "models/demo-ceiling-seed0").exists()  # --ceiling 1: seed 1's only
+    ceiling = json.loads((out / "models/demo-ceiling-seed1/result.json").read_text())["val_loss"]
+    assert row["ceiling_val_loss"] == [None, ceiling]
+    dense = row["dense_val_loss"][1]
+    gain = dense - ceiling
     page = (out / "moe_baseline.md").read_text()
     assert "## What the experts' parameters could buy" in page
-    (line,) = [x for x in page.splitlines() if x.startswith("| demo | [0, 1] |")]
+    section = page.split("## What the experts'")[1].split("## Are the experts")[0].splitlines()
+    (line,) = [x for x in section if x.startswith("| demo | 1 | ")]
+    assert not any(x.startswith("| demo | 0 | ") for x in section)
     cells = recipe.cells(line)
-    assert cells[2] == f"{dense:.4f}" and cells[5] == f"{gain:+.4f}"
-    share = f"{row['margin_mean'] / gain:.0%}" if gain > 0 else "-"
+    assert (
+        cells[2] == f"{dense:.4f}" and cells[4] == f"{ceiling:.4f}" and cells[5] == f"{gain:+.4f}"
+    )
+    share = f"{(dense - row['moe_val_loss'][1]) / gain:.0%}" if gain > 0 else "-"
     assert cells[6] == share
     # The routing probe, recomputed here on the same held-out windows.
     import torch
