@@ -100,10 +100,12 @@ class Context:
     # no weights, so ``load`` still needs the run itself. None = no records.
     records_root: Path | None = None
     started: float = field(default_factory=time.time)
-    # Corpora of training configs that name other data than the default (``corpus_for``).
+    # Corpora of training configs that name other data than the default (``corpus_for``), and
+    # those an experiment built itself, by the label its training configs give as ``data``.
     _corpora: dict[tuple[str, int, float], PreparedCorpus] = field(
         default_factory=dict, init=False, repr=False
     )
+    _provided: dict[str, PreparedCorpus] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.scale > 0:
@@ -166,11 +168,18 @@ class Context:
         cfg = self.train_config()
         return prepare_corpus(cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction)
 
+    def provide_corpus(self, data: str, corpus: PreparedCorpus) -> None:
+        """Train the configs whose ``data`` is the label ``data`` on ``corpus``: a corpus the
+        experiment built itself (longctx's mixture of text and probes), not one to prepare."""
+        self._provided[data] = corpus
+
     def corpus_for(self, train_cfg: TrainConfig) -> PreparedCorpus:
         """The corpus ``train_cfg`` trains on: :attr:`corpus` when it names the default data,
         vocabulary size and validation share, else the one it names, prepared once. Every seed
         gets the same split (drawn with seed 0): margins between seeds compare one set of
         held-out documents."""
+        if train_cfg.data in self._provided:
+            return self._provided[train_cfg.data]
         key = (train_cfg.data, train_cfg.vocab_size, train_cfg.val_fraction)
         base = self.train_config()
         if key == (base.data, base.vocab_size, base.val_fraction):

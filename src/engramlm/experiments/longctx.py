@@ -382,7 +382,7 @@ class Plan:
 
     sizes: Sizes
     steps: int
-    train_ctx: Context  # ``ctx`` with the text + probes mixture as its corpus
+    train_ctx: Context  # ``ctx`` with the text + probes mixture provided for ``train_cfg``
     configs: dict[str, ModelConfig]
     train_cfg: TrainConfig
     mix_counts: dict[str, int]
@@ -400,8 +400,7 @@ def plan(ctx: Context) -> Plan:
     sizes = SMOKE_SIZES if ctx.smoke else DEFAULT_SIZES
     steps = sizes.steps if ctx.smoke else max(1, round(sizes.steps * ctx.scale))
     mix, mix_counts = mixed_corpus(ctx, sizes, steps)
-    train_ctx = dataclasses.replace(ctx)
-    train_ctx.corpus = mix  # every run of this experiment trains on the mixture
+    train_ctx = dataclasses.replace(ctx)  # every run of this experiment trains on the mixture
     eval_every = max(1, steps // 2)
     base = ctx.train_config()
     train_cfg = ctx.train_config(
@@ -421,6 +420,7 @@ def plan(ctx: Context) -> Plan:
             // (sizes.batch_size * sizes.seq_len),
         ),
     )
+    train_ctx.provide_corpus(train_cfg.data, mix)
     return Plan(sizes, steps, train_ctx, build_models(ctx, sizes), train_cfg, mix_counts)
 
 
