@@ -358,18 +358,17 @@ def ceiling_section(rows: list[dict[str, Any]]) -> list[str]:
         "`--ceiling` also trains the dense model with all of an MoE layer's experts (routed and",
         "shared) in every FFN (`compare.dense_iso_param`): the MoE's parameters without routing,",
         "at (experts + shared) / (top-k + shared) times the FFN FLOPs. Its gain over the iso-FLOP",
-        "dense model is what those parameters buy at that setting and seed without routing; the",
-        "MoE's share is its margin over that gain.",
+        "dense model is what those parameters buy at that setting and seed without routing, to",
+        "set beside the MoE's margin over the same dense model.",
         "",
         "| candidate | seed | dense iso-FLOP | MoE | dense iso-parameter | gain of the parameters "
-        "| MoE's share |",
+        "| MoE's margin |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, seed, dense, moe, ceiling in runs:
-        gain = dense - ceiling
-        share = f"{(dense - moe) / gain:.0%}" if gain > 0 else "-"
         lines.append(
-            f"| {name} | {seed} | {dense:.4f} | {moe:.4f} | {ceiling:.4f} | {gain:+.4f} | {share} |"
+            f"| {name} | {seed} | {dense:.4f} | {moe:.4f} | {ceiling:.4f} | {dense - ceiling:+.4f} "
+            f"| {dense - moe:+.4f} |"
         )
     return [*lines, ""]
 
