@@ -6,7 +6,10 @@ partly measures idle experts. This trains the MoE and its iso-FLOP dense model (
 activated FFN width, ``compare.dense_iso_flop``) for a few candidate settings, at several
 seeds, and reports the margin dense - MoE with its seed spread and the routing balance
 (busiest expert / mean, last step). A setting is *clear* when the mean margin exceeds both
-0.02 nats and twice the seeds' standard deviation of the margin.
+0.02 nats and twice the seeds' standard deviation of the margin. Two diagnostics:
+``--ceiling [SEEDS]`` also trains the dense model with every expert's parameters in each FFN
+(what the parameters buy without routing), and ``--probe-routing`` scores each trained MoE with
+random and with no routed experts (whether its experts are idle or specialised).
 
 ``--sweep`` then runs the allocation experiment (``engramlm experiment allocation``, same
 seeds) at the first clear setting, or ``--sweep-at NAME`` at a named one, with its results in
@@ -20,11 +23,12 @@ clone has no ``runs/`` folder, and a run with a record is read from it, not retr
 seeds trained in different sessions (or on different machines: the record names it) add up.
 The page keeps its rows of earlier searches that a call does not redo at the same seeds or more
 (rows written before the records began have no runs left to recompute them from).
-Budget: each model of the demo's size takes ~3.3 min per 300 steps on 2 idle CPU cores.
+Budget: each model of the demo's size takes ~3.3 min per 300 steps on 2 idle CPU cores; a
+`small-kernel` model ~17-20 min on one core (its ceiling ~31 min).
 
     .venv/bin/python recipes/moe_baseline.py [--seeds 0,1,2] [--candidates demo,long] [--smoke]
         [--sweep | --sweep-at NAME] [--page docs/moe_baseline.md] [--dense-first]
-        [--records docs/records]
+        [--records docs/records] [--ceiling [SEEDS]] [--probe-routing]
 """
 
 from __future__ import annotations
