@@ -87,9 +87,10 @@ def dense_iso_flop(moe: ModelConfig) -> ModelConfig:
 
 def dense_iso_param(moe: ModelConfig) -> ModelConfig:
     """A dense model whose every FFN is as wide as an MoE layer's experts all together,
-    (routed + shared) x expert width: what the MoE's parameters could buy with no routing, at
-    (experts + shared) / (top-k + shared) times its FFN FLOPs. An upper bound for the MoE (its
-    leading dense layers widen too, so it has a little more than the MoE's parameters)."""
+    (routed + shared) x expert width: what the MoE's parameters buy as plain width, with no
+    routing, at (experts + shared) / (top-k + shared) times its FFN FLOPs (its leading dense
+    layers widen too, so it has a little more than the MoE's parameters). Not a bound on the
+    MoE: at `recipes/moe_baseline.py`'s small-kernel-balanced the MoE beat it (docs)."""
     width = (moe.num_experts + moe.num_shared_experts) * moe.expert_hidden_size
     return dataclasses.replace(dense_iso_flop(moe), ffn_hidden_size=width)
 
