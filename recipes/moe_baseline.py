@@ -86,9 +86,9 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "narrow": (NARROW, {}),
     "narrow-scaled": ({**NARROW, "moe_routed_scale": 2.0}, {}),
     "small-kernel": (SMALL, KERNEL),
-    # At gamma 1e-3 small-kernel's routing collapsed in its first ~500 steps (busiest expert
-    # 8x the mean: one expert in every token's top-2, from step ~50 to ~400) at both
-    # seeds, and the MoE's margin then varied by seed (+0.001, +0.102): balance in ~50 steps.
+    # At gamma 1e-3 small-kernel's routing collapsed at every seed (busiest expert 8x the
+    # mean, one expert in every token's top-2, from step ~50 to ~400-500) and its margin varied
+    # by seed (+0.001 / +0.102 / +0.028); at gamma 1e-2 the collapse is over by step ~100.
     "small-kernel-balanced": ({**SMALL, "moe_bias_update_rate": 1e-2}, KERNEL),
 }
 MIN_MARGIN = 0.02
