@@ -14,7 +14,10 @@ random and with no routed experts (whether its experts are idle or specialised).
 ``--sweep`` then runs the allocation experiment (``engramlm experiment allocation``, same
 seeds) at the first clear setting, or ``--sweep-at NAME`` at a named one, with its results in
 ``runs/moe_baseline_sweep/allocation/`` (not the main experiment's folder or page), and writes
-``docs/moe_baseline.md``: the search's table and the sweep's section.
+``docs/moe_baseline.md``: the search's table and the sweep's section. ``--sweep-points
+RHO:SEED,...`` (with ``--sweep-at``) trains only those points of the sweep, in that order, and
+stops: two such processes with disjoint points use both cores (a second plain ``--sweep`` would
+only wait on the first's lock); a later ``--sweep-at`` reads them back instead of retraining.
 
 Runs are stored like the experiments' (``runs/_models/<digest>``, shared and resumable), so an
 interrupted search resumes and the allocation sweep reuses the rho = 1 MoE. Each finished run's
@@ -29,6 +32,7 @@ Budget: each model of the demo's size takes ~3.3 min per 300 steps on 2 idle CPU
     .venv/bin/python recipes/moe_baseline.py [--seeds 0,1,2] [--candidates demo,long] [--smoke]
         [--sweep | --sweep-at NAME] [--page docs/moe_baseline.md] [--dense-first]
         [--records docs/records] [--ceiling [SEEDS]] [--probe-routing]
+        [--sweep-points RHO:SEED,...]
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from engramlm.compare import dense_iso_flop, dense_iso_param
 from engramlm.experiments import allocation
 from engramlm.experiments.common import Context, machine
 from engramlm.experiments.pair import batches, heldout_windows
-from engramlm.model import EngramLM, MoE
+from engramlm.model import EngramLM, MoE, allocate
 
 LONG = {"steps": 1200, "warmup_steps": 120, "eval_every": 400}
 # 16x the demo's steps: at 1,200 the MoE led the dense model at both seeds, by +0.011 on average
@@ -162,6 +166,13 @@ def main() -> None:
     parser.add_argument("--sweep-at", default=None, help="the allocation sweep at this candidate")
     parser.add_argument("--page", default="docs/moe_baseline.md", help="written after a sweep")
     parser.add_argument(
+        "--sweep-points",
+        default=None,
+        metavar="RHO:SEED,...",
+        help="with --sweep-at: train only these points of the sweep, in this order, then stop "
+        "(no page): a second process given other points trains beside the first",
+    )
+    parser.add_argument(
         "--dense-first",
         action="store_true",
         help="train each seed's dense model before its MoE: a second process started so "
@@ -193,6 +204,9 @@ def main() -> None:
     if args.sweep_at is not None and args.sweep_at not in args.candidates.split(","):
         parser.error(f"--sweep-at {args.sweep_at}: not among --candidates {args.candidates}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
+    points = parse_points(parser, args.sweep_points, seeds, smoke=args.smoke)
+    if points and args.sweep_at is None:
+        parser.error("--sweep-points needs --sweep-at NAME (the candidate the sweep runs at)")
     ceiling_seeds = set(seeds) if args.ceiling == "" else set()
     if args.ceiling:
         ceiling_seeds = {int(s) for s in args.ceiling.split(",")}
@@ -291,6 +305,13 @@ def main() -> None:
         models_root=ctx.models_root,  # the search's MoE is the sweep's rho = 1
         records_root=records,
     )
+    if points:
+        for rho, seed in points:
+            cfg = allocate(sweep.base_moe, rho, engram=sweep.base_engram)
+            # The key allocation.run gives the point: it reads this run back, not retraining it.
+            done = sweep.train(f"rho{rho:g}_seed{seed}", cfg, sweep.train_config(seed=seed))
+            print(f"sweep point rho {rho:g} seed {seed}: {done.val_loss:.4f}", flush=True)
+        return
     flags = [f"--moe.{k}={v}" for k, v in at["moe"].items()]
     flags += [f"--train.{k}={v}" for k, v in at["train"].items()]
     sweep.save_results(allocation.run(sweep))
@@ -301,6 +322,30 @@ def main() -> None:
     )
     write_page(page, rows, machine=doc["machine"], sweep=(at, doc, sweep.out_dir), kept=kept)
     print(f"allocation sweep at {at['candidate']}: {page}")
+
+
+def parse_points(
+    parser: argparse.ArgumentParser, text: str | None, seeds: tuple[int, ...], *, smoke: bool
+) -> list[tuple[float, int]]:
+    """``"0.8:0,0.4:1"`` -> ``[(0.8, 0), (0.4, 1)]``, each rho one of the sweep's and each
+    seed one of ``--seeds`` (a point outside them would train a run the sweep never reads)."""
+    if not text:
+        return []
+    rhos = allocation.SMOKE_RHOS if smoke else allocation.RHOS
+    points = []
+    for item in text.split(","):
+        try:
+            rho_text, seed_text = item.split(":")
+            rho, seed = float(rho_text), int(seed_text)
+        except ValueError:
+            parser.error(f"--sweep-points: {item!r} is not RHO:SEED (e.g. 0.8:0)")
+        if rho not in rhos or seed not in seeds:
+            parser.error(
+                f"--sweep-points: {item!r} is not a point of this sweep; rho is one of "
+                f"{list(rhos)} and the seed one of --seeds {list(seeds)}"
+            )
+        points.append((rho, seed))
+    return points
 
 
 def superseded(candidate: str, seeds: list[int], rows: list[dict[str, Any]]) -> bool:

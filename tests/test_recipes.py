@@ -318,3 +318,49 @@ def test_moe_baseline_ceiling_and_routing_probe(tmp_path, monkeypatch) -> None:
     assert probe["random"] != probe["learned"] and len(row["routing_probe"]) == 2
     assert "## Are the experts idle?" in page
     assert any(x.startswith("| demo | 1 | ") for x in page.splitlines())
+
+
+def test_moe_baseline_sweep_points_train_in_order_and_the_sweep_reads_them(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """``--sweep-points`` trains just the named points of the sweep, in that order, with the keys
+    and configs the allocation experiment gives them: the full ``--sweep-at`` call afterwards
+    trains only the others (the named runs' results are untouched). Bad points are refused."""
+    import sys
+
+    recipe = _load_script(RECIPES / "moe_baseline.py", "moe_baseline")
+    monkeypatch.chdir(tmp_path)
+    base = ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo"]
+    monkeypatch.setattr(sys, "argv", [*base, "--sweep-at", "demo", "--sweep-points", "0.4:1,0.7:0"])
+    recipe.main()
+    models = tmp_path / "runs/moe_baseline_sweep/allocation/models"
+    assert sorted(p.name for p in models.iterdir()) == ["rho0.4_seed1", "rho0.7_seed0"]
+    done = {
+        k: (models / k / "result.json").stat().st_mtime_ns for k in ("rho0.4_seed1", "rho0.7_seed0")
+    }
+    assert done["rho0.4_seed1"] < done["rho0.7_seed0"]
+    assert not (models.parent / "results.json").exists()  # points only: no sweep, no page
+    assert "sweep point rho 0.4 seed 1: " in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", [*base, "--sweep-at", "demo"])
+    recipe.main()
+    assert {k: (models / k / "result.json").stat().st_mtime_ns for k in done} == done
+    assert len(list(models.iterdir())) == 6  # SMOKE_RHOS x 2 seeds
+    result = json.loads((models.parent / "results.json").read_text())
+    point = next(p for p in result["results"]["points"] if p["rho"] == 0.4)
+    assert (
+        point["val_loss"][1]
+        == json.loads((models / "rho0.4_seed1/result.json").read_text())["val_loss"]
+    )
+    for bad, message in [
+        ("0.9:0", "not a point of this sweep"),  # 0.9 is not a smoke rho
+        ("0.4:5", "not a point of this sweep"),
+        ("0.4", "is not RHO:SEED"),
+    ]:
+        monkeypatch.setattr(sys, "argv", [*base, "--sweep-at", "demo", "--sweep-points", bad])
+        with pytest.raises(SystemExit):
+            recipe.main()
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", [*base, "--sweep-points", "0.4:0"])
+    with pytest.raises(SystemExit):
+        recipe.main()
+    assert "needs --sweep-at" in capsys.readouterr().err
