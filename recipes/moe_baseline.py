@@ -353,12 +353,13 @@ def superseded(candidate: str, seeds: list[int], rows: list[dict[str, Any]]) -> 
     return any(r["candidate"] == candidate and set(seeds) <= set(r["seeds"]) for r in rows)
 
 
-def page_rows(page: Path) -> list[str]:
-    """The search table's rows of an existing page (none if there is no page)."""
+def page_rows(page: Path, header: str = "| candidate |") -> list[str]:
+    """The rows of an existing page's first table whose header starts with ``header`` (by
+    default the search table; none if there is no page or no such table)."""
     if not page.exists():
         return []
     lines = page.read_text().splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("| candidate |")), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
     if start is None:
         return []
     rows = []
@@ -385,8 +386,20 @@ def val_curve(history: list[dict[str, float]]) -> dict[int, float]:
     return {int(row["step"]): row["val_loss"] for row in history if "val_loss" in row}
 
 
-def ceiling_section(rows: list[dict[str, Any]]) -> list[str]:
-    """The page's table of the seeds searched with ``--ceiling``, a line each (none: none)."""
+CEILING_HEADER = "| candidate | seed | dense iso-FLOP |"
+PROBE_HEADER = "| candidate | seed | as routed |"
+
+
+def kept_seed_rows(lines: Sequence[str], fresh: set[tuple[str, int]]) -> list[str]:
+    """The rows (of a per-seed table of the page before) whose (candidate, seed) this call did
+    not compute: a new clone has the runs' records but not the weights a probe needs, and a
+    call without ``--ceiling`` does not read the ceiling runs, yet the page keeps both."""
+    return [line for line in lines if (cells(line)[0], int(cells(line)[1])) not in fresh]
+
+
+def ceiling_section(rows: list[dict[str, Any]], kept: Sequence[str] = ()) -> list[str]:
+    """The page's table of the seeds searched with ``--ceiling``, a line each, then the
+    ``kept`` lines of seeds this call did not (none of either: no section)."""
     runs = [
         (r["candidate"], seed, dense, moe, ceiling)
         for r in rows
@@ -399,7 +412,8 @@ def ceiling_section(rows: list[dict[str, Any]]) -> list[str]:
         )
         if ceiling is not None
     ]
-    if not runs:
+    kept = kept_seed_rows(kept, {(name, seed) for name, seed, *_ in runs})
+    if not runs and not kept:
         return []
     lines = [
         "## What the experts' parameters could buy",
@@ -419,18 +433,20 @@ def ceiling_section(rows: list[dict[str, Any]]) -> list[str]:
             f"| {name} | {seed} | {dense:.4f} | {moe:.4f} | {ceiling:.4f} | {dense - ceiling:+.4f} "
             f"| {dense - moe:+.4f} |"
         )
-    return [*lines, ""]
+    return [*lines, *kept, ""]
 
 
-def probe_section(rows: list[dict[str, Any]]) -> list[str]:
-    """The page's table of ``--probe-routing`` results, a line per probed seed."""
+def probe_section(rows: list[dict[str, Any]], kept: Sequence[str] = ()) -> list[str]:
+    """The page's table of ``--probe-routing`` results, a line per probed seed, then the
+    ``kept`` lines of seeds this call did not probe."""
     probed = [
         (r["candidate"], seed, p)
         for r in rows
         for seed, p in zip(r["seeds"], r.get("routing_probe") or [], strict=False)
         if p is not None
     ]
-    if not probed:
+    kept = kept_seed_rows(kept, {(name, seed) for name, seed, _ in probed})
+    if not probed and not kept:
         return []
     lines = [
         "## Are the experts idle?",
@@ -451,7 +467,7 @@ def probe_section(rows: list[dict[str, Any]]) -> list[str]:
             f"| {name} | {seed} | {p['learned']:.4f} | {p['random']:.4f} | {p['none']:.4f} | "
             f"{share} |"
         )
-    return [*lines, ""]
+    return [*lines, *kept, ""]
 
 
 def write_page(
@@ -498,8 +514,8 @@ def write_page(
         )
     lines += kept
     lines.append("")
-    lines += ceiling_section(rows)
-    lines += probe_section(rows)
+    lines += ceiling_section(rows, page_rows(page, CEILING_HEADER))
+    lines += probe_section(rows, page_rows(page, PROBE_HEADER))
     if sweep is None:
         clear = [r["candidate"] for r in rows if r["clear"]]
         clear += [cells(line)[0] for line in kept if cells(line)[8] == "yes"]

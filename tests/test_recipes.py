@@ -318,6 +318,17 @@ def test_moe_baseline_ceiling_and_routing_probe(tmp_path, monkeypatch) -> None:
     assert probe["random"] != probe["learned"] and len(row["routing_probe"]) == 2
     assert "## Are the experts idle?" in page
     assert any(x.startswith("| demo | 1 | ") for x in page.splitlines())
+    # A later call that neither probes nor reads the ceiling runs (a new clone has records, not
+    # weights) keeps both tables' rows as they were; one that redoes them writes each row once.
+    tables = [x for x in page.splitlines() if x.startswith(("| demo | 0 | ", "| demo | 1 | "))]
+    assert len(tables) == 3  # the ceiling at seed 1, the probe at seeds 0 and 1
+    for call in (argv[:-3], argv):
+        monkeypatch.setattr(sys, "argv", call)
+        recipe.main()
+        again = (out / "moe_baseline.md").read_text()
+        assert [x for x in again.splitlines() if x in tables] == tables
+        assert "## What the experts' parameters could buy" in again
+        assert again.count("## Are the experts idle?") == 1
 
 
 def test_moe_baseline_sweep_points_train_in_order_and_the_sweep_reads_them(
