@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import platform
 import statistics
 import time
@@ -49,3 +50,19 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5) -> dict[
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def top_level_ops(fn: Callable[[], object]) -> collections.Counter[str]:
+    """The aten operators ``fn`` dispatches from Python, by name, once each (those an operator
+    calls inside itself not counted). Not a timing: the same on a loaded or an idle machine, it
+    says how many per-operation dispatch costs a small-tensor step pays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return collections.Counter(
+        e.name
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )

@@ -9,15 +9,19 @@ KV cache; the runs are interleaved, and tokens/s are medians over repeats. ``--c
 ``--no-disk`` leaves the disk tier out. ``--breakdown`` adds the Engram model with its Engram
 layers' work replaced by zeros (hashing, the prefetch and the cache's n-gram state stay): the
 gap between it and the backbone is what Engram costs outside its layer, the rest is the layer.
+``--count-ops`` first prints the aten operators one decode step dispatches, backbone and
+Engram (a count, not a timing: at B=1 a step's time is mostly per-operation dispatch cost).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decode.py [--batch 1] [--layers 4]
         [--hidden 256] [--new 64] [--table-size 200000] [--compile] [--no-disk] [--breakdown]
+        [--count-ops]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -26,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, machine  # noqa: E402
+from common import interleaved, machine, top_level_ops  # noqa: E402
 
 from engramlm.config import EngramConfig, ModelConfig  # noqa: E402
 from engramlm.generate import generate_tokens  # noqa: E402
@@ -48,6 +52,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--no-disk", action="store_true", help="leave the disk tier out")
     p.add_argument("--breakdown", action="store_true", help="also time the Engram layer skipped")
+    p.add_argument(
+        "--count-ops", action="store_true", help="print the operators of one decode step"
+    )
     args = p.parse_args()
 
     D = args.hidden
@@ -97,6 +104,11 @@ def main() -> None:
             skipped.load_state_dict(mem.state_dict())
             skip_engram_layers(skipped)
             variants["engram (layer skipped)"] = lambda: decode(skipped)
+        if args.count_ops:
+            counted = {"backbone": base, "engram (memory)": mem}
+            if args.breakdown:
+                counted["engram (layer skipped)"] = skipped
+            print_step_ops(counted, prompt)
         if args.compile:
             base_c = torch.compile(base, dynamic=True)
             mem_c = torch.compile(mem, dynamic=True)
@@ -130,6 +142,30 @@ def main() -> None:
                 f"(before: {before['misses']:,.0f} rows read by the untimed first decode)"
             )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def print_step_ops(models: dict[str, EngramLM], prompt: torch.Tensor) -> None:
+    """The aten operators of one KV-cached decode step (after the prompt and two steps) of each
+    model, and what the others add to the first's."""
+    counts = {}
+    for name, model in models.items():
+        with torch.inference_mode():
+            cache = model.new_cache()
+            model(prompt, cache=cache)
+            token = prompt[:, -1:]
+            for _ in range(2):
+                model(token, cache=cache)
+            step = functools.partial(model, token, cache=cache)
+            counts[name] = top_level_ops(step)
+    first, *others = counts
+    for name in others:
+        added = counts[name] - counts[first]
+        top = ", ".join(f"{op.removeprefix('aten::')} {n}" for op, n in added.most_common(12))
+        net = counts[name].total() - counts[first].total()
+        print(
+            f"operators per decode step: {first} {counts[first].total()}, {name} "
+            f"{counts[name].total()} ({net:+d}; most added: {top})"
+        )
 
 
 def skip_engram_layers(model: EngramLM) -> None:
