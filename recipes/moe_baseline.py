@@ -310,7 +310,13 @@ def main() -> None:
             cfg = allocate(sweep.base_moe, rho, engram=sweep.base_engram)
             # The key allocation.run gives the point: it reads this run back, not retraining it.
             done = sweep.train(f"rho{rho:g}_seed{seed}", cfg, sweep.train_config(seed=seed))
-            print(f"sweep point rho {rho:g} seed {seed}: {done.val_loss:.4f}", flush=True)
+            beyond = "" if rho in allocation.RHOS + allocation.SMOKE_RHOS else ", beyond the sweep"
+            print(
+                f"sweep point rho {rho:g} seed {seed} (achieved "
+                f"{allocation.expert_share(cfg):.3f}, {cfg.num_experts} routed experts"
+                f"{beyond}): {done.val_loss:.4f}",
+                flush=True,
+            )
         return
     flags = [f"--moe.{k}={v}" for k, v in at["moe"].items()]
     flags += [f"--train.{k}={v}" for k, v in at["train"].items()]
@@ -327,8 +333,10 @@ def main() -> None:
 def parse_points(
     parser: argparse.ArgumentParser, text: str | None, seeds: tuple[int, ...], *, smoke: bool
 ) -> list[tuple[float, int]]:
-    """``"0.8:0,0.4:1"`` -> ``[(0.8, 0), (0.4, 1)]``, each rho one of the sweep's and each
-    seed one of ``--seeds`` (a point outside them would train a run the sweep never reads)."""
+    """``"0.8:0,0.4:1"`` -> ``[(0.8, 0), (0.4, 1)]``, each seed one of ``--seeds`` and each rho
+    one of the sweep's or below its lowest (where the U's left arm would be: such a point is
+    trained and recorded, not part of the sweep's table). Any other point would train a run
+    nothing reads, so it is refused."""
     if not text:
         return []
     rhos = allocation.SMOKE_RHOS if smoke else allocation.RHOS
@@ -339,10 +347,11 @@ def parse_points(
             rho, seed = float(rho_text), int(seed_text)
         except ValueError:
             parser.error(f"--sweep-points: {item!r} is not RHO:SEED (e.g. 0.8:0)")
-        if rho not in rhos or seed not in seeds:
+        if not (rho in rhos or 0.0 <= rho < min(rhos)) or seed not in seeds:
             parser.error(
                 f"--sweep-points: {item!r} is not a point of this sweep; rho is one of "
-                f"{list(rhos)} and the seed one of --seeds {list(seeds)}"
+                f"{list(rhos)} (or in [0, {min(rhos):g}), beyond its left end) and the seed "
+                f"one of --seeds {list(seeds)}"
             )
         points.append((rho, seed))
     return points

@@ -351,7 +351,9 @@ def test_moe_baseline_sweep_points_train_in_order_and_the_sweep_reads_them(
     }
     assert done["rho0.4_seed1"] < done["rho0.7_seed0"]
     assert not (models.parent / "results.json").exists()  # points only: no sweep, no page
-    assert "sweep point rho 0.4 seed 1: " in capsys.readouterr().out
+    assert (
+        "sweep point rho 0.4 seed 1 (achieved 0.380, 4 routed experts): " in capsys.readouterr().out
+    )
     monkeypatch.setattr(sys, "argv", [*base, "--sweep-at", "demo"])
     recipe.main()
     assert {k: (models / k / "result.json").stat().st_mtime_ns for k in done} == done
@@ -362,6 +364,14 @@ def test_moe_baseline_sweep_points_train_in_order_and_the_sweep_reads_them(
         point["val_loss"][1]
         == json.loads((models / "rho0.4_seed1/result.json").read_text())["val_loss"]
     )
+    # Below the sweep's lowest rho (0.4 at smoke size): trained and recorded, not in its table.
+    monkeypatch.setattr(sys, "argv", [*base, "--sweep-at", "demo", "--sweep-points", "0.2:0"])
+    recipe.main()
+    assert (models / "rho0.2_seed0/result.json").exists()
+    assert "rho 0.2 seed 0 (achieved 0.190, 3 routed experts, beyond the sweep)" in (
+        capsys.readouterr().out
+    )
+    assert json.loads((models.parent / "results.json").read_text())["results"] == result["results"]
     for bad, message in [
         ("0.9:0", "not a point of this sweep"),  # 0.9 is not a smoke rho
         ("0.4:5", "not a point of this sweep"),
