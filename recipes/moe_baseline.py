@@ -105,6 +105,11 @@ def imbalance(expert_load: list[list[float]] | None) -> float:
     return max(max(layer) / statistics.fmean(layer) for layer in expert_load if layer)
 
 
+# Points below the sweep's lowest rho, where the U's left arm would be (each moves a distinct
+# whole number of the default 14 idle experts): ``--sweep-points`` trains them on request; the
+# page lists those found finished, seed by seed, beside the sweep.
+BEYOND_RHOS = (0.3, 0.2, 0.1, 0.0)
+
 PROBE_WINDOWS = 160  # held-out windows of the routing probe (20k tokens at T = 128)
 
 
@@ -326,16 +331,84 @@ def main() -> None:
         f"python recipes/moe_baseline.py --seeds {args.seeds} --sweep-at {at['candidate']} "
         f"(= engramlm experiment allocation --seeds {args.seeds} {' '.join(flags)})"
     )
-    write_page(page, rows, machine=doc["machine"], sweep=(at, doc, sweep.out_dir), kept=kept)
+    beyond = beyond_points(sweep, seeds)
+    write_page(
+        page, rows, machine=doc["machine"], sweep=(at, doc, sweep.out_dir), kept=kept, beyond=beyond
+    )
     print(f"allocation sweep at {at['candidate']}: {page}")
+
+
+def beyond_points(sweep: Context, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The points of :data:`BEYOND_RHOS` finished at one seed or more (trained by
+    ``--sweep-points``, here or in a record): rho, achieved rho, experts, table rows per head
+    and the loss per seed (None where not trained). Nothing is trained."""
+    lowest = min(allocation.SMOKE_RHOS if sweep.smoke else allocation.RHOS)
+    # Few experts (the smoke MoE's 6 idle) round neighbouring rhos to one model: list it once.
+    seen = {allocate(sweep.base_moe, lowest, engram=sweep.base_engram).num_experts}
+    found = []
+    for rho in BEYOND_RHOS:
+        cfg = allocate(sweep.base_moe, rho, engram=sweep.base_engram)
+        if cfg.num_experts in seen:
+            continue
+        seen.add(cfg.num_experts)
+        done = [sweep.finished(cfg, sweep.train_config(seed=seed)) for seed in seeds]
+        if any(r is not None for r in done):
+            assert cfg.engram is not None  # allocate moved experts: rho < the sweep's lowest
+            found.append(
+                {
+                    "rho": rho,
+                    "rho_achieved": allocation.expert_share(cfg),
+                    "num_experts": cfg.num_experts,
+                    "table_size": cfg.engram.table_sizes[0],
+                    "val_loss": [None if r is None else r.val_loss for r in done],
+                }
+            )
+    return found
+
+
+def beyond_section(beyond: list[dict[str, Any]], doc: dict[str, Any]) -> list[str]:
+    """The page's table of points below the sweep, each seed beside the sweep's rho = 1 at that
+    seed (the sweep's MoE) and its lowest rho."""
+    if not beyond:
+        return []
+    points = sorted(doc["results"]["points"], key=lambda p: p["rho"])
+    low, pure = points[0], points[-1]
+    seeds = doc["seeds"]
+    lines = [
+        "### Beyond the sweep's left end",
+        "",
+        f"Points below rho = {low['rho']:g}, trained one seed at a time with `--sweep-points "
+        f"RHO:SEED --sweep-at NAME` (not in the verdict above, which covers the sweep's grid): "
+        f"each seed's loss, then its difference from rho = {pure['rho']:g} and from rho = "
+        f"{low['rho']:g} at the same seed. Seeds {seeds}; '-' where not trained.",
+        "",
+        "| rho (nominal) | rho (achieved) | routed experts | table rows per head | val loss "
+        f"| vs rho = {pure['rho']:g} | vs rho = {low['rho']:g} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def per_seed(values: list[float | None], ref: list[float] | None = None) -> str:
+        if ref is None:
+            return " / ".join("-" if v is None else f"{v:.4f}" for v in values)
+        return " / ".join(
+            "-" if v is None else f"{v - r:+.4f}" for v, r in zip(values, ref, strict=True)
+        )
+
+    for b in beyond:
+        lines.append(
+            f"| {b['rho']:g} | {b['rho_achieved']:.3f} | {b['num_experts']} | {b['table_size']:,}"
+            f" | {per_seed(b['val_loss'])} | {per_seed(b['val_loss'], pure['val_loss'])} | "
+            f"{per_seed(b['val_loss'], low['val_loss'])} |"
+        )
+    return [*lines, ""]
 
 
 def parse_points(
     parser: argparse.ArgumentParser, text: str | None, seeds: tuple[int, ...], *, smoke: bool
 ) -> list[tuple[float, int]]:
     """``"0.8:0,0.4:1"`` -> ``[(0.8, 0), (0.4, 1)]``, each seed one of ``--seeds`` and each rho
-    one of the sweep's or below its lowest (where the U's left arm would be: such a point is
-    trained and recorded, not part of the sweep's table). Any other point would train a run
+    one of the sweep's or of :data:`BEYOND_RHOS` (below its lowest, where the U's left arm would
+    be: the page lists them apart from the sweep's table). Any other point would train a run
     nothing reads, so it is refused."""
     if not text:
         return []
@@ -347,10 +420,10 @@ def parse_points(
             rho, seed = float(rho_text), int(seed_text)
         except ValueError:
             parser.error(f"--sweep-points: {item!r} is not RHO:SEED (e.g. 0.8:0)")
-        if not (rho in rhos or 0.0 <= rho < min(rhos)) or seed not in seeds:
+        if rho not in rhos + BEYOND_RHOS or seed not in seeds:
             parser.error(
                 f"--sweep-points: {item!r} is not a point of this sweep; rho is one of "
-                f"{list(rhos)} (or in [0, {min(rhos):g}), beyond its left end) and the seed "
+                f"{list(rhos)} (or, beyond its left end, of {list(BEYOND_RHOS)}) and the seed "
                 f"one of --seeds {list(seeds)}"
             )
         points.append((rho, seed))
@@ -486,6 +559,7 @@ def write_page(
     machine: str,
     sweep: tuple[dict[str, Any], dict[str, Any], Path] | None = None,
     kept: Sequence[str] = (),
+    beyond: list[dict[str, Any]] | None = None,
 ) -> None:
     """docs/moe_baseline.md: the search's table (``rows``, then the ``kept`` rows of the page
     before), then (``sweep``: the candidate, the allocation experiment's results and their
@@ -545,6 +619,7 @@ def write_page(
         shutil.copyfile(path, img / path.name)
         section += f"\n![{path.stem}](img/moe_baseline/{path.name})\n"
     lines.append(section)
+    lines += beyond_section(beyond or [], doc)
     page.write_text("\n".join(lines) + "\n")
 
 

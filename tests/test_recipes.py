@@ -341,7 +341,7 @@ def test_moe_baseline_sweep_points_train_in_order_and_the_sweep_reads_them(
 
     recipe = _load_script(RECIPES / "moe_baseline.py", "moe_baseline")
     monkeypatch.chdir(tmp_path)
-    base = ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo"]
+    base = ["moe_baseline", "--smoke", "--seeds", "0,1", "--candidates", "demo", "--records", "rec"]
     monkeypatch.setattr(sys, "argv", [*base, "--sweep-at", "demo", "--sweep-points", "0.4:1,0.7:0"])
     recipe.main()
     models = tmp_path / "runs/moe_baseline_sweep/allocation/models"
@@ -372,8 +372,32 @@ def test_moe_baseline_sweep_points_train_in_order_and_the_sweep_reads_them(
         capsys.readouterr().out
     )
     assert json.loads((models.parent / "results.json").read_text())["results"] == result["results"]
+    # The sweep's page lists it apart, beside rho = 1 and the lowest rho at the same seed; so
+    # does a new clone's (records, no runs), without training anything.
+    loss = json.loads((models / "rho0.2_seed0/result.json").read_text())["val_loss"]
+    by_rho = {p["rho"]: p["val_loss"] for p in result["results"]["points"]}
+    expected = (
+        f"| 0.2 | 0.190 | 3 | {{}} | {loss:.4f} / - | {loss - by_rho[1.0][0]:+.4f} / - | "
+        f"{loss - by_rho[0.4][0]:+.4f} / - |"
+    )
+    from engramlm.experiments import common
+
+    for call in ("here", "new clone"):
+        if call == "new clone":
+            import shutil
+
+            shutil.rmtree(tmp_path / "runs")
+            monkeypatch.setattr(common, "train", lambda *a, **k: pytest.fail("retrained"))
+        monkeypatch.setattr(sys, "argv", [*base, "--sweep-at", "demo"])
+        recipe.main()
+        page = (tmp_path / "runs/moe_baseline/moe_baseline.md").read_text()
+        section = page.split("### Beyond the sweep's left end")[1].splitlines()
+        (row,) = [x for x in section if x.startswith("| 0")]
+        table_size = recipe.cells(row)[3]
+        assert row == expected.format(table_size) and int(table_size.replace(",", "")) >= 2
     for bad, message in [
         ("0.9:0", "not a point of this sweep"),  # 0.9 is not a smoke rho
+        ("0.25:0", "not a point of this sweep"),  # below the sweep, but not of BEYOND_RHOS
         ("0.4:5", "not a point of this sweep"),
         ("0.4", "is not RHO:SEED"),
     ]:

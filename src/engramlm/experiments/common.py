@@ -205,10 +205,7 @@ class Context:
         is also written there, and a run with a record but no stored result is read from it.
         """
         train_cfg = train_cfg or self.train_config()
-        wanted = {"model": changed_fields(model_cfg), "train": changed_fields(train_cfg)}
-        wanted["train"].pop("out_dir", None)
-        wanted["behaviour"] = BEHAVIOUR_VERSION
-        digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
+        digest, wanted = run_digest(model_cfg, train_cfg)
         run_dir = self.models_root / digest
         link = self.out_dir / "models" / key
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +254,18 @@ class Context:
                 write_record(record, key, wanted, result)
             return result
 
+    def finished(
+        self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None
+    ) -> TrainResult | None:
+        """The result of this configuration's run where :meth:`train` would read one back (a
+        finished run under ``models_root``, else its record), or None; never trains."""
+        digest, wanted = run_digest(model_cfg, train_cfg or self.train_config())
+        result_file = self.models_root / digest / "result.json"
+        if result_file.exists():
+            return TrainResult(**json.loads(result_file.read_text()))
+        record = self.records_root / f"{digest}.json" if self.records_root else None
+        return read_record(record, wanted) if record is not None and record.exists() else None
+
     def load(self, key: str) -> EngramLM:
         """The trained model of ``models/<key>`` in eval mode."""
         model, _ = load_run(self.out_dir / "models" / key, device=self.device)
@@ -298,6 +307,16 @@ class Context:
 # is the tokenizer's pad (was raw id 2, an ordinary token), the conv norm's eps 1e-5, fused
 # key/value projections (another order of initial draws).
 BEHAVIOUR_VERSION = 2
+
+
+def run_digest(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
+    """(digest, what it digests): a run's identity, from the fields its configs change from the
+    defaults (not where it is written) and the training behaviour's version."""
+    wanted = {"model": changed_fields(model_cfg), "train": changed_fields(train_cfg)}
+    wanted["train"].pop("out_dir", None)
+    wanted["behaviour"] = BEHAVIOUR_VERSION
+    digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, wanted
 
 
 def write_record(path: Path, key: str, wanted: dict[str, Any], result: TrainResult) -> None:
