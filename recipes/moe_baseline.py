@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import statistics
 from collections.abc import Sequence
@@ -400,6 +401,17 @@ def beyond_section(beyond: list[dict[str, Any]], doc: dict[str, Any]) -> list[st
             f" | {per_seed(b['val_loss'])} | {per_seed(b['val_loss'], pure['val_loss'])} | "
             f"{per_seed(b['val_loss'], low['val_loss'])} |"
         )
+    every = [(p["rho"], p["val_loss"]) for p in [*points, *beyond]]
+    lowest = []
+    for i, seed in enumerate(seeds):
+        trained = [(loss[i], rho) for rho, loss in every if loss[i] is not None]
+        lowest.append(f"rho = {min(trained)[1]:g} at seed {seed}")
+    lines += [
+        "",
+        f"Lowest loss over the sweep and these points: {', '.join(lowest)}. A minimum above "
+        "the lowest rho trained, at every seed, is a U with both arms; one at the lowest rho "
+        "trained is one arm.",
+    ]
     return [*lines, ""]
 
 
@@ -614,6 +626,10 @@ def write_page(
     img.mkdir(parents=True, exist_ok=True)
     heading, _, body = allocation.report(doc).partition("\n")
     assert heading.startswith("## "), heading
+    # The experiment's own plot link points at its make-demo figure; this page links its own.
+    body = "\n".join(
+        line for line in body.split("\n") if not re.match(r"!\[.*\]\(img/results/", line)
+    )
     section = f"## Allocation sweep at {at['candidate']}\n{body}"
     for path in sorted(plots.glob("*.png")):
         shutil.copyfile(path, img / path.name)

@@ -395,6 +395,14 @@ def test_moe_baseline_sweep_points_train_in_order_and_the_sweep_reads_them(
         (row,) = [x for x in section if x.startswith("| 0")]
         table_size = recipe.cells(row)[3]
         assert row == expected.format(table_size) and int(table_size.replace(",", "")) >= 2
+        seed0 = {rho: losses[0] for rho, losses in by_rho.items()} | {0.2: loss}
+        seed1 = {rho: losses[1] for rho, losses in by_rho.items()}  # 0.2 not trained at seed 1
+        lowest = [min(seed0, key=seed0.get), min(seed1, key=seed1.get)]
+        assert (
+            f"Lowest loss over the sweep and these points: rho = {lowest[0]:g} at seed 0, "
+            f"rho = {lowest[1]:g} at seed 1." in page
+        )
+        assert "img/results/" not in page  # the experiment's own figure is not this sweep's
     for bad, message in [
         ("0.9:0", "not a point of this sweep"),  # 0.9 is not a smoke rho
         ("0.25:0", "not a point of this sweep"),  # below the sweep, but not of BEYOND_RHOS

@@ -177,7 +177,8 @@ def report(doc: dict[str, Any]) -> str:
         "",
         f"Command: `{doc['command']}` (scale {doc['scale']:g}, seeds {seeds}, "
         f"{res['train']['steps']} steps per model). Machine: {doc['machine']}. "
-        f"Wall time: {minutes:.1f} min.",
+        f"Wall time: {minutes:.1f} min (of the call that wrote this; models already trained "
+        "are read from their runs or records, not retrained).",
         "",
         "Fixed total parameters: `allocate(MoE, rho)` moves a share 1 - rho of the sparse "
         "parameters from idle routed experts into Engram table slots (layer 1, 2- and 3-grams); "
