@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engramlm import kernels
 from engramlm.config import EngramConfig
 from engramlm.tables import DeviceTable, Table
 
@@ -37,6 +38,11 @@ from engramlm.tables import DeviceTable, Table
 # than a sum over its taps; below, the call's fixed cost is more (at B=1: 28 against 15 us for
 # one position, 30 against 40 for 16; benchmarks in ShortConv._conv_call).
 _CONV_CALL_POSITIONS = 16
+
+# Up to this many positions (B x T) an inference forward on the CPU in float32 runs as one call
+# of the fused kernel (engramlm.kernels): decode steps and short prompts. Its loops are scalar
+# and single-threaded, so long sequences keep PyTorch's vectorised operators.
+FUSED_POSITIONS = 64
 
 
 class GroupRMSNorm(nn.Module):
@@ -136,6 +142,22 @@ def _stack_legacy(state: dict, prefix: str, old: str, new: str, count: int) -> N
     keys = [prefix + old.format(m) for m in range(count)]
     if keys and all(k in state for k in keys):
         state[prefix + new] = torch.stack([state.pop(k) for k in keys])
+
+
+def fusable(x: Tensor) -> bool:
+    """Whether the fused kernels (``engramlm.kernels``) may run a forward on ``x``: float32
+    on the CPU, no autograd, no autocast, not under ``torch.compile`` (which fuses the
+    PyTorch operators itself)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.int64)
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+_GATE_MODES = {"none": 0, "plain": 1, "signed_sqrt": 2}
 
 
 def context_gate(query: Tensor, key: Tensor, signed_sqrt: bool = True) -> Tensor:
@@ -265,6 +287,8 @@ class Engram(nn.Module):
 
     def prefetch(self, hash_ids: Tensor) -> None:
         """Hint the table that [B, T, H] head-local ids will be retrieved soon (SPEC §5)."""
+        if isinstance(self.table, DeviceTable):
+            return  # resident rows: skip even computing the addresses (a decode step's op)
         self.table.prefetch(self.global_rows(hash_ids))
 
     def warm(self, hash_ids: Tensor) -> None:
@@ -325,13 +349,8 @@ class Engram(nn.Module):
         the streams in fp32 and rounds once (its spec §5 step 5), which ``deepseek_v41`` does
         with this. ``mask`` as in :meth:`forward` (it zeroes the gate of masked positions).
         """
+        self._check_hidden(hidden)
         B, T, M, D = hidden.shape
-        if M != self.config.num_branches or D != self.hidden_size:
-            raise ValueError(
-                f"hidden must be [B, T, M={self.config.num_branches}, D={self.hidden_size}] "
-                f"(M = hc_mult={self.config.hc_mult}, or 1 with multi_branch=False), "
-                f"got {list(hidden.shape)}"
-            )
         e = self.retrieve(hash_ids).to(hidden.dtype)  # [B, T, E]
         kv = self.kv_proj(e)  # [B, T, (M+1)D]: M keys, then the shared value
         v = kv[..., self.value_rows].unsqueeze(2)  # [B, T, 1, D]
@@ -355,11 +374,59 @@ class Engram(nn.Module):
         add nothing to the residual and feed zeros to the conv.
         """
         B, T, M, D = hidden.shape
+        if B * T <= FUSED_POSITIONS and fusable(hidden):
+            call = self.fused_call()
+            if call is not None:
+                self._check_hidden(hidden)
+                return call(hidden, hash_ids, conv_state, mask)
         u = self.gated_value(hidden, hash_ids, mask).to(hidden.dtype)  # [B, T, M, D]
         if self.short_conv is None:
             return u, u.new_zeros(B, M * D, 0)
         y, conv_state = self.short_conv(u, conv_state)
         return u + y, conv_state
+
+    def fused_call(self) -> kernels.FusedEngram | None:
+        """This layer's forward as one call of the fused C++ kernel (``engramlm.kernels``), with
+        its weights bound: the same result as :meth:`forward` to float rounding, for float32
+        on the CPU without autograd. ``None`` where the kernel cannot run it (kernels not
+        built, weights not float32 on the CPU)."""
+        weight = self.kv_proj.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return None
+        ops = kernels.fused_ops()
+        if ops is None:
+            return None
+        table, lookup = self.table, None
+        if isinstance(table, DeviceTable) and table.dtype == torch.float32:
+            rows = table.weight  # the kernel gathers the rows itself
+        else:  # host, disk or fp8 tables: their own lookup, then the kernel
+            rows, lookup = None, self.retrieve
+        eps = torch.finfo(torch.float32).eps  # eps=None: torch's default, as F.rms_norm's
+        conv, q, k = self.short_conv, self.query_norm, self.key_norm
+        consts = (
+            rows,
+            self.offsets,
+            weight,
+            self.kv_proj.bias,
+            None if q is None else q.weight,
+            None if k is None else k.weight,
+            eps if q is None or q.eps is None else q.eps,
+            eps if k is None or k.eps is None else k.eps,
+            _GATE_MODES[self.config.gate],
+            None if conv is None else conv.weight,
+            None if conv is None else conv.norm.weight,
+            1e-5 if conv is None else conv.norm.eps,
+            1 if conv is None else conv.dilation,
+        )
+        return kernels.FusedEngram(ops.engram_step.default, lookup, consts)
+
+    def _check_hidden(self, hidden: Tensor) -> None:
+        if hidden.dim() != 4 or hidden.shape[2:] != (self.config.num_branches, self.hidden_size):
+            raise ValueError(
+                f"hidden must be [B, T, M={self.config.num_branches}, D={self.hidden_size}] "
+                f"(M = hc_mult={self.config.hc_mult}, or 1 with multi_branch=False), "
+                f"got {list(hidden.shape)}"
+            )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         # Per-branch layout of earlier checkpoints: key_projs.m / value_proj, key_norms.m,

@@ -23,6 +23,7 @@ and a DEAD current token hashes as all pads.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -312,6 +313,14 @@ class NgramHasher(nn.Module):
             )
             self.register_buffer(f"mult_{layer}", torch.tensor(mult), persistent=False)
             self.register_buffer(f"mod_{layer}", torch.tensor(moduli[layer]), persistent=False)
+        # Every layer's constants stacked, [L, N] and [L, H], for the fused decode kernel.
+        mults = [getattr(self, f"mult_{layer}") for layer in self.layer_ids]
+        mods = [getattr(self, f"mod_{layer}") for layer in self.layer_ids]
+        H = (max_ngram - 1) * heads_per_ngram
+        mult_all = torch.stack(mults) if mults else torch.zeros(0, max_ngram, dtype=torch.int64)
+        mod_all = torch.stack(mods) if mods else torch.zeros(0, H, dtype=torch.int64)
+        self.register_buffer("mult_all", mult_all, persistent=False)
+        self.register_buffer("mod_all", mod_all, persistent=False)
 
     @classmethod
     def from_config(
@@ -356,6 +365,25 @@ class NgramHasher(nn.Module):
     def all_layers(self, compressed_ids: Tensor, prefix: Tensor | None = None) -> dict[int, Tensor]:
         """{layer_id: [B, T, H]} for every Engram layer."""
         return {layer: self(compressed_ids, layer, prefix) for layer in self.layer_ids}
+
+    def fused_step(
+        self, ops: Any, input_ids: Tensor, lookup: Tensor | None, prefix: Tensor | None
+    ) -> tuple[dict[int, Tensor], Tensor]:
+        """:meth:`all_layers` and :meth:`next_prefix` of raw ``input_ids`` [B, T] in one call of
+        the fused kernel ``ops.hash_step`` (``engramlm.kernels.fused_ops()``), compressing them
+        with ``lookup`` [V] (None: already compressed) on the way; integer-exact. CPU tensors
+        only (``engramlm.engram.fusable``)."""
+        rows, prefix = ops.hash_step.default(
+            input_ids,
+            lookup,
+            prefix,
+            self.mult_all,
+            self.mod_all,
+            self.pad_id,
+            -1 if self.reset_id is None else self.reset_id,
+            self.dead,
+        )
+        return dict(zip(self.layer_ids, rows, strict=True)), prefix
 
     def next_prefix(self, prefix: Tensor | None, compressed_ids: Tensor) -> Tensor:
         """The decode state after ``compressed_ids``: the last N-1 ids, pad-filled. [B, N-1]"""

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engramlm import kernels
 from engramlm.config import EngramConfig, ModelConfig
-from engramlm.engram import Engram, head_offsets
+from engramlm.engram import FUSED_POSITIONS, Engram, fusable, head_offsets
 from engramlm.hashing import NgramHasher, check_ids, head_moduli
+from engramlm.kernels import FusedEngram
 from engramlm.overencoding import OverEncoding, overencoding_moduli
 from engramlm.tables import Table, TablePlan, build_table
 from engramlm.tokenization import CompressedVocab
@@ -65,7 +67,9 @@ class DecodeCache:
     SPEC §2.2 (shared by all Engram layers: the ids do not depend on the layer).
     ``conv_states``: per Engram layer, the ShortConv state [B, M*D, (w-1)N] (SPEC §2.6).
     ``overencoding_prefix``: Over-Encoding's hashing prefix, the last N-1 *raw* ids [B, N-1].
-    ``offset``: tokens seen so far = the position of the next token. The model's ``forward``
+    ``offset``: tokens seen so far = the position of the next token.
+    ``engram_calls``: per Engram layer, its fused decode kernel with the weights bound
+    (``engramlm.kernels``), built at the first step that runs fused. The model's ``forward``
     updates the cache in place; step outputs equal a full forward over the whole sequence.
     """
 
@@ -75,6 +79,7 @@ class DecodeCache:
     hash_prefix: Tensor | None = None
     offset: int = 0
     overencoding_prefix: Tensor | None = None
+    engram_calls: dict[int, FusedEngram] | None = None  # bound at the first fused step
 
     @classmethod
     def empty(cls, num_layers: int) -> DecodeCache:
@@ -361,13 +366,17 @@ class Block(nn.Module):
         sin: Tensor,
         hash_ids: Tensor | None = None,
         cache: DecodeCache | None = None,
+        engram_call: FusedEngram | None = None,
     ) -> Tensor:
-        """h [B, T, M, D], hash_ids [B, T, H] (Engram layers) -> [B, T, M, D]."""
+        """h [B, T, M, D], hash_ids [B, T, H] (Engram layers) -> [B, T, M, D]. ``engram_call``:
+        this layer's Engram as the fused kernel (decoding on the CPU; ``engramlm.kernels``)."""
         if self.engram is not None:
             if hash_ids is None:
                 raise ValueError(f"layer {self.layer_id} has Engram but got no hash_ids")
             conv_state = None if cache is None else cache.conv_states.get(self.layer_id)
-            if self.engram_residual is None:
+            if engram_call is not None:  # h + Y in one call
+                h, conv_state = engram_call(h, hash_ids, conv_state, residual=True)
+            elif self.engram_residual is None:
                 y, conv_state = self.engram(h, hash_ids, conv_state)
                 h = h + y  # [B, T, M, D]; before attention and FFN (SPEC §2.7)
             else:
@@ -660,14 +669,22 @@ class EngramLM(nn.Module):
             loss = None if targets is None else logits.new_zeros(())  # no tokens: loss 0
             return ModelOutput(logits, loss, cache)
 
+        # Decoding on the CPU: hashing and the Engram layers as one fused kernel call each.
+        ops = kernels.fused_ops() if cache is not None and fusable(input_ids) else None
+        calls = self._engram_calls(cache) if ops is not None and B * T <= FUSED_POSITIONS else {}
         if self.hasher is not None:
             prefix = None if cache is None else cache.hash_prefix
-            compressed = self.compress(input_ids)  # [B, T]
-            if hash_ids is None:
-                hash_ids = self.hasher.all_layers(compressed, prefix)
-            self._check_hash_ids(hash_ids, B, T)
-            if cache is not None:
-                cache.hash_prefix = self.hasher.next_prefix(prefix, compressed)
+            if ops is not None and hash_ids is None:
+                hash_ids, cache.hash_prefix = self.hasher.fused_step(  # type: ignore[union-attr]
+                    ops, input_ids, self.compress_lookup, prefix
+                )
+            else:
+                compressed = self.compress(input_ids)  # [B, T]
+                if hash_ids is None:
+                    hash_ids = self.hasher.all_layers(compressed, prefix)
+                self._check_hash_ids(hash_ids, B, T)
+                if cache is not None:
+                    cache.hash_prefix = self.hasher.next_prefix(prefix, compressed)
         hash_ids = hash_ids or {}
         # SPEC §5: every layer's rows are known now; start gathering them all before layer 0,
         # so layer l's gather overlaps the blocks before it (a no-op for device tables).
@@ -685,7 +702,7 @@ class EngramLM(nn.Module):
                 cache.overencoding_prefix = oe_prefix
         h = h.unsqueeze(2).expand(B, T, cfg.hc_mult, cfg.hidden_size).contiguous()  # [B,T,M,D]
         for block in self.layers:
-            h = block(h, cos, sin, hash_ids.get(block.layer_id), cache)
+            h = block(h, cos, sin, hash_ids.get(block.layer_id), cache, calls.get(block.layer_id))
         if cache is not None:
             cache.offset = offset + T
         h = self.final_norm(h.mean(dim=2))  # [B, T, D]; streams merged by their mean
@@ -696,6 +713,19 @@ class EngramLM(nn.Module):
                 logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
             )
         return ModelOutput(logits, loss, cache)
+
+    def _engram_calls(self, cache: DecodeCache) -> dict[int, FusedEngram]:
+        """The fused kernel of each Engram layer that can run it, bound once per generation."""
+        if cache.engram_calls is None:
+            calls = {}
+            if self.embed.weight.dtype == torch.float32:  # the residual stream's dtype
+                for block in self.layers:
+                    if block.engram is not None and block.engram_residual is None:
+                        call = block.engram.fused_call()
+                        if call is not None:
+                            calls[block.layer_id] = call
+            cache.engram_calls = calls
+        return cache.engram_calls
 
     def _check_hash_ids(self, hash_ids: dict[int, Tensor], B: int, T: int) -> None:
         engram = self.config.engram

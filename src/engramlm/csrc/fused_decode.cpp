@@ -1,0 +1,350 @@
+// Fused CPU kernels for KV-cached decoding with Engram (engramlm.kernels builds this file).
+//
+// At batch 1 a decode step is a sum of per-operator dispatch costs: hashing the new token and
+// running one Engram layer take ~90 small PyTorch operators, as many as the whole backbone's
+// attention and FFN blocks (docs/benchmarks.md, goal 2). These two operators do the same work
+// in one call each, with plain loops over the few positions a decode step has:
+//
+//   engramlm::hash_step    raw ids -> compressed ids -> every Engram layer's head-local rows,
+//                          and the next n-gram prefix (hashing.hash_ngrams + next_prefix)
+//   engramlm::engram_step  lookup -> key/value projection -> gates -> short conv:
+//                          Engram.forward's Y and new conv state
+//
+// They compute what the PyTorch path computes (tests/test_fused.py holds them to it): the
+// hash is integer-exact; the layer agrees to float rounding (reductions here accumulate in
+// double, in a different order than ATen's vectorised sums). Float32 only, CPU only; the
+// Python side falls back to PyTorch operators for anything else.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kDead = -1;  // hashing.DEAD: no token here; blocks older look-backs
+
+void check_cpu(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "engramlm fused kernels run on the CPU; ", name, " is on ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+// Python's (and torch.remainder's) modulo for a positive divisor: in [0, p).
+inline int64_t floor_mod(int64_t x, int64_t p) {
+  int64_t r = x % p;
+  return r < 0 ? r + p : r;
+}
+
+// Wrapping int64 multiply, as torch's int64 kernels wrap (signed overflow is undefined in C++).
+inline int64_t wrap_mul(int64_t a, int64_t b) {
+  return static_cast<int64_t>(static_cast<uint64_t>(a) * static_cast<uint64_t>(b));
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> hash_step(
+    const at::Tensor& input_ids,               // [B, T] raw ids
+    const c10::optional<at::Tensor>& lookup,   // [V] raw -> compressed id (None: ids are)
+    const c10::optional<at::Tensor>& prefix,   // [B, N-1] compressed ids before input_ids
+    const at::Tensor& multipliers,             // [L, N]
+    const at::Tensor& moduli,                  // [L, H], H = (N-1) K
+    int64_t pad_id, int64_t reset_id,          // reset_id < 0: no resets
+    bool dead) {
+  check_cpu(input_ids, "input_ids", at::kLong);
+  check_cpu(multipliers, "multipliers", at::kLong);
+  check_cpu(moduli, "moduli", at::kLong);
+  TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [B, T], got ", input_ids.sizes());
+  TORCH_CHECK(multipliers.dim() == 2 && moduli.dim() == 2 &&
+                  multipliers.size(0) == moduli.size(0) && multipliers.size(1) >= 2,
+              "multipliers must be [L, N] and moduli [L, H], got ", multipliers.sizes(), " and ",
+              moduli.sizes());
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  const int64_t L = multipliers.size(0), N = multipliers.size(1), H = moduli.size(1);
+  const int64_t P = N - 1;
+  TORCH_CHECK(H % P == 0, "moduli must hold (N-1) x K heads per layer, got H=", H, ", N=", N);
+  const int64_t K = H / P;
+
+  // full[b] = prefix (pad-filled without one) then the compressed ids: [B, P + T]
+  std::vector<int64_t> full(static_cast<size_t>(B * (P + T)), pad_id);
+  if (prefix.has_value()) {
+    const at::Tensor pre = prefix->contiguous();
+    check_cpu(pre, "prefix", at::kLong);
+    TORCH_CHECK(pre.dim() == 2 && pre.size(0) == B && pre.size(1) == P,
+                "prefix must be [B, N-1] = [", B, ", ", P, "], got ", pre.sizes());
+    const int64_t* p = pre.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(&full[b * (P + T)], p + b * P, sizeof(int64_t) * P);
+  }
+  const at::Tensor ids = input_ids.contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* table = nullptr;
+  int64_t vocab = 0;
+  at::Tensor lut;
+  if (lookup.has_value()) {
+    lut = lookup->contiguous();
+    check_cpu(lut, "lookup", at::kLong);
+    table = lut.data_ptr<int64_t>();
+    vocab = lut.numel();
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t x = id[b * T + t];
+      if (table != nullptr && !(dead && x == kDead)) {
+        TORCH_CHECK(x >= 0 && x < vocab, "token id ", x, " at position (", b, ", ", t,
+                    ") is out of range [0, ", vocab, ")");
+        x = table[x];
+      }
+      full[b * (P + T) + P + t] = x;
+    }
+  }
+
+  const at::Tensor mult = multipliers.contiguous(), mods = moduli.contiguous();
+  const int64_t* m = mult.data_ptr<int64_t>();
+  const int64_t* mod = mods.data_ptr<int64_t>();
+  for (int64_t i = 0; i < L * H; ++i)
+    TORCH_CHECK(mod[i] > 0, "moduli must be positive, got ", mod[i]);
+  std::vector<at::Tensor> rows;
+  rows.reserve(L);
+  for (int64_t l = 0; l < L; ++l) rows.push_back(at::empty({B, T, H}, ids.options()));
+  const bool blocking = dead || reset_id >= 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* f = &full[b * (P + T)];
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = P + t;  // index of the current token in f
+      bool blocked = dead && f[pos] == kDead;
+      const int64_t current = blocked ? pad_id : f[pos];
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t* ml = m + l * N;
+        const int64_t* pl = mod + l * H;
+        int64_t* out = rows[l].data_ptr<int64_t>() + (b * T + t) * H;
+        int64_t mix = wrap_mul(current, ml[0]);
+        bool blk = blocked;
+        for (int64_t k = 1; k < N; ++k) {
+          const int64_t prev = f[pos - k];  // x'_{t-k}
+          if (blocking) blk = blk || (dead && prev == kDead) || (reset_id >= 0 && prev == reset_id);
+          mix ^= wrap_mul(blk ? pad_id : prev, ml[k]);
+          for (int64_t j = 0; j < K; ++j) out[(k - 1) * K + j] = floor_mod(mix, pl[(k - 1) * K + j]);
+        }
+      }
+    }
+  }
+  at::Tensor next = at::empty({B, P}, ids.options());
+  int64_t* nx = next.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(nx + b * P, &full[b * (P + T) + T], sizeof(int64_t) * P);
+  return {rows, next};
+}
+
+std::tuple<at::Tensor, at::Tensor> engram_step(
+    const at::Tensor& hidden,                          // [B, T, M, D]
+    const c10::optional<at::Tensor>& hash_ids,         // [B, T, H] head-local rows
+    const c10::optional<at::Tensor>& conv_state,       // [B, M D, (w-1) dilation]
+    const c10::optional<at::Tensor>& mask,             // [B, T] bool: false zeroes the gate
+    bool residual,                                     // return hidden + Y instead of Y
+    const c10::optional<at::Tensor>& memory,           // [B, T, E] rows retrieved, or:
+    const c10::optional<at::Tensor>& table,            // [R, hd] rows of all heads
+    const c10::optional<at::Tensor>& offsets,          // [H] first row of each head
+    const at::Tensor& kv_weight,                       // [(nk + 1) D, E]: nk keys, value
+    const c10::optional<at::Tensor>& kv_bias,          // [(nk + 1) D]
+    const c10::optional<at::Tensor>& query_weight,     // [M, D] the gate's query RMSNorm
+    const c10::optional<at::Tensor>& key_weight,       // [M, D] the gate's key RMSNorm
+    double query_eps, double key_eps,
+    int64_t gate_mode,                                 // 0 none, 1 plain, 2 signed sqrt
+    const c10::optional<at::Tensor>& conv_weight,      // [M D, 1, w]
+    const c10::optional<at::Tensor>& conv_norm_weight, // [M, D]
+    double conv_eps, int64_t dilation) {
+  check_cpu(hidden, "hidden", at::kFloat);
+  check_cpu(kv_weight, "kv_weight", at::kFloat);
+  TORCH_CHECK(hidden.dim() == 4, "hidden must be [B, T, M, D], got ", hidden.sizes());
+  TORCH_CHECK(gate_mode >= 0 && gate_mode <= 2, "gate_mode must be 0, 1 or 2, got ", gate_mode);
+  const int64_t B = hidden.size(0), T = hidden.size(1), M = hidden.size(2), D = hidden.size(3);
+  const int64_t BT = B * T, E = kv_weight.size(1);
+  const int64_t nk = gate_mode == 0 ? 0 : M;
+  TORCH_CHECK(kv_weight.dim() == 2 && kv_weight.size(0) == (nk + 1) * D, "kv_weight must be [",
+              (nk + 1) * D, ", E], got ", kv_weight.sizes());
+
+  // e_t: the retrieved rows, [BT, E]
+  at::Tensor e;
+  if (memory.has_value()) {
+    check_cpu(*memory, "memory", at::kFloat);
+    TORCH_CHECK(memory->numel() == BT * E, "memory must be [B, T, E] = [", B, ", ", T, ", ", E,
+                "], got ", memory->sizes());
+    e = memory->reshape({BT, E});
+  } else {
+    TORCH_CHECK(table.has_value() && offsets.has_value() && hash_ids.has_value(),
+                "engram_step needs memory, or table, offsets and hash_ids");
+    check_cpu(*table, "table", at::kFloat);
+    check_cpu(*offsets, "offsets", at::kLong);
+    check_cpu(*hash_ids, "hash_ids", at::kLong);
+    const at::Tensor tab = table->contiguous();
+    const at::Tensor off = offsets->contiguous();
+    const at::Tensor ids = hash_ids->contiguous();
+    const int64_t H = off.numel(), hd = tab.size(1), R = tab.size(0);
+    TORCH_CHECK(ids.dim() == 3 && ids.size(0) == B && ids.size(1) == T && ids.size(2) == H,
+                "hash_ids must be [B, T, H] = [", B, ", ", T, ", ", H, "], got ", ids.sizes());
+    TORCH_CHECK(H * hd == E, "H x head_dim = ", H * hd, " must equal kv_weight's E = ", E);
+    e = at::empty({BT, E}, hidden.options());
+    const float* src = tab.data_ptr<float>();
+    const int64_t* o = off.data_ptr<int64_t>();
+    const int64_t* r = ids.data_ptr<int64_t>();
+    float* dst = e.data_ptr<float>();
+    for (int64_t p = 0; p < BT; ++p) {
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row = r[p * H + h] + o[h];
+        TORCH_CHECK(row >= 0 && row < R, "table row ", row, " (head ", h, ") is out of range [0, ",
+                    R, ")");
+        std::memcpy(dst + (p * H + h) * hd, src + row * hd, sizeof(float) * hd);
+      }
+    }
+  }
+  at::Tensor kv;
+  if (kv_bias.has_value()) {
+    check_cpu(*kv_bias, "kv_bias", at::kFloat);
+    kv = at::linear(e, kv_weight, *kv_bias);
+  } else {
+    kv = at::linear(e, kv_weight);
+  }
+  kv = kv.contiguous();  // [BT, (nk + 1) D]
+  const float* kvp = kv.data_ptr<float>();
+  const at::Tensor hid = hidden.contiguous();
+  const float* hp = hid.data_ptr<float>();
+
+  // U = alpha^(m) v, [BT, M, D]
+  at::Tensor u = at::empty({B, T, M, D}, hidden.options());
+  float* up = u.data_ptr<float>();
+  // RMSNorm(h) w_q . RMSNorm(k) w_k = (h . (w_q w_k k)) / (rms(h) rms(k)), as Engram._gates
+  std::vector<float> gw;
+  if (nk > 0) {
+    TORCH_CHECK(query_weight.has_value() && key_weight.has_value(),
+                "a gate needs query_weight and key_weight");
+    const at::Tensor qw = query_weight->contiguous(), kw = key_weight->contiguous();
+    check_cpu(qw, "query_weight", at::kFloat);
+    check_cpu(kw, "key_weight", at::kFloat);
+    TORCH_CHECK(qw.numel() == M * D && kw.numel() == M * D,
+                "query_weight and key_weight must be [M, D] = [", M, ", ", D, "]");
+    gw.resize(static_cast<size_t>(M * D));
+    const float* q = qw.data_ptr<float>();
+    const float* k = kw.data_ptr<float>();
+    for (int64_t i = 0; i < M * D; ++i) gw[i] = q[i] * k[i];
+  }
+  const bool* mk = nullptr;
+  at::Tensor mkt;
+  if (mask.has_value()) {
+    mkt = mask->contiguous();
+    check_cpu(mkt, "mask", at::kBool);
+    TORCH_CHECK(mkt.numel() == BT, "mask must be [B, T] = [", B, ", ", T, "]");
+    mk = mkt.data_ptr<bool>();
+  }
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(D));
+  const int64_t kvw = (nk + 1) * D;
+  for (int64_t p = 0; p < BT; ++p) {
+    const float* v = kvp + p * kvw + nk * D;
+    for (int64_t mm = 0; mm < M; ++mm) {
+      double alpha = 1.0;
+      if (nk > 0) {
+        const float* h = hp + (p * M + mm) * D;
+        const float* k = kvp + p * kvw + mm * D;
+        const float* w = gw.data() + mm * D;
+        double hh = 0, kk = 0, dot = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          hh += static_cast<double>(h[d]) * h[d];
+          kk += static_cast<double>(k[d]) * k[d];
+          dot += static_cast<double>(h[d]) * (static_cast<double>(k[d]) * w[d]);
+        }
+        double s = dot / std::sqrt(hh / D + query_eps) / std::sqrt(kk / D + key_eps) * inv_sqrt_d;
+        if (gate_mode == 2 && s != 0.0)  // sign(s) sqrt(max(|s|, 1e-6)); sign(0) = 0
+          s = std::copysign(std::sqrt(std::max(std::abs(s), 1e-6)), s);
+        alpha = 1.0 / (1.0 + std::exp(-s));
+      }
+      if (mk != nullptr && !mk[p]) alpha = 0.0;
+      const float a = static_cast<float>(alpha);
+      float* out = up + (p * M + mm) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = a * v[d];
+    }
+  }
+
+  if (!conv_weight.has_value()) {
+    if (residual) u.add_(hid);
+    return {u, at::zeros({B, M * D, 0}, hidden.options())};
+  }
+
+  // Y = SiLU(causal depthwise conv(RMSNorm(U))) + U, carrying the last P normalised inputs
+  const at::Tensor cw = conv_weight->contiguous();
+  check_cpu(cw, "conv_weight", at::kFloat);
+  TORCH_CHECK(conv_norm_weight.has_value(), "the short conv needs conv_norm_weight");
+  const at::Tensor cn = conv_norm_weight->contiguous();
+  check_cpu(cn, "conv_norm_weight", at::kFloat);
+  const int64_t C = M * D, w = cw.size(-1), P = (w - 1) * dilation;
+  TORCH_CHECK(cw.numel() == C * w, "conv_weight must be [M D, 1, w] = [", C, ", 1, ", w, "]");
+  TORCH_CHECK(cn.numel() == C, "conv_norm_weight must be [M, D] = [", M, ", ", D, "]");
+  at::Tensor state = at::empty({B, C, P}, hidden.options());
+  at::Tensor x = at::empty({P + T, C}, hidden.options());  // one sequence's conv input
+  const float* wp = cw.data_ptr<float>();
+  const float* np = cn.data_ptr<float>();
+  float* xp = x.data_ptr<float>();
+  float* sp = state.data_ptr<float>();
+  at::Tensor old;
+  if (conv_state.has_value()) {
+    old = conv_state->contiguous();
+    check_cpu(old, "conv_state", at::kFloat);
+    TORCH_CHECK(old.dim() == 3 && old.size(0) == B && old.size(1) == C && old.size(2) == P,
+                "conv_state must be [B, M D, (w-1) dilation] = [", B, ", ", C, ", ", P,
+                "], got ", old.sizes());
+  }
+  at::Tensor y = at::empty({B, T, M, D}, hidden.options());
+  float* yp = y.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    if (conv_state.has_value()) {
+      const float* op = old.data_ptr<float>() + b * C * P;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < P; ++i) xp[i * C + c] = op[c * P + i];
+    } else {
+      std::fill(xp, xp + P * C, 0.0f);  // causal left padding
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t mm = 0; mm < M; ++mm) {
+        const float* uu = up + ((b * T + t) * M + mm) * D;
+        double ss = 0;
+        for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(uu[d]) * uu[d];
+        const float inv = static_cast<float>(1.0 / std::sqrt(ss / D + conv_eps));
+        float* xr = xp + (P + t) * C + mm * D;
+        for (int64_t d = 0; d < D; ++d) xr[d] = uu[d] * inv * np[mm * D + d];
+      }
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      float* yr = yp + (b * T + t) * C;
+      const float* ur = up + (b * T + t) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        double acc = 0;
+        for (int64_t i = 0; i < w; ++i)
+          acc += static_cast<double>(wp[c * w + i]) * xp[(t + i * dilation) * C + c];
+        const float z = static_cast<float>(acc);
+        yr[c] = z / (1.0f + std::exp(-z)) + ur[c];
+        if (residual) yr[c] += hp[(b * T + t) * C + c];
+      }
+    }
+    float* st = sp + b * C * P;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < P; ++i) st[c * P + i] = xp[(T + i) * C + c];
+  }
+  return {y, state};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(engramlm, m) {
+  m.def(
+      "hash_step(Tensor input_ids, Tensor? lookup, Tensor? prefix, Tensor multipliers, "
+      "Tensor moduli, int pad_id, int reset_id, bool dead) -> (Tensor[], Tensor)",
+      &hash_step);
+  m.def(
+      "engram_step(Tensor hidden, Tensor? hash_ids, Tensor? conv_state, Tensor? mask, "
+      "bool residual, Tensor? memory, Tensor? table, Tensor? offsets, Tensor kv_weight, "
+      "Tensor? kv_bias, Tensor? query_weight, Tensor? key_weight, float query_eps, "
+      "float key_eps, int gate_mode, Tensor? conv_weight, Tensor? conv_norm_weight, "
+      "float conv_eps, int dilation) -> (Tensor, Tensor)",
+      &engram_step);
+}
