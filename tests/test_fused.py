@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engramlm import EngramConfig, ModelConfig, NgramHasher, kernels
-from engramlm.engram import FUSED_POSITIONS
+from engramlm.engram import FUSED_ROWS
 from engramlm.generate import generate_tokens
 from engramlm.hashing import DEAD, hash_ngrams
 from engramlm.model import EngramLM
@@ -236,8 +236,8 @@ def test_forward_uses_the_kernel_only_where_it_can(ops, tiny_engram: EngramConfi
     hash_ids = hasher(torch.randint(0, V, (1, 3)), 1)
     engram(hidden, hash_ids)  # autograd on: PyTorch
     with torch.no_grad():
-        long = torch.randn(1, FUSED_POSITIONS + 1, M, 32)
-        engram(long, hasher(torch.randint(0, V, (1, FUSED_POSITIONS + 1)), 1))  # too long
+        T = FUSED_ROWS // M + 1
+        engram(torch.randn(1, T, M, 32), hasher(torch.randint(0, V, (1, T)), 1))  # too long
         with torch.autocast("cpu", dtype=torch.bfloat16):
             engram(hidden, hash_ids)  # autocast: PyTorch
         assert calls == []
@@ -335,6 +335,6 @@ def test_disabled_kernels_fall_back_and_a_failed_build_warns(monkeypatch, tmp_pa
     monkeypatch.setattr(kernels, "NAME", "engramlm_fused_broken_test")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     with pytest.warns(RuntimeWarning, match="could not build the fused decode kernels"):
-        assert kernels._build(check_loaded=False) is None
+        assert kernels._build() is None
     assert "engramlm_fused_broken_test" in (kernels.build_error() or "")
     monkeypatch.setitem(kernels._state, "error", None)

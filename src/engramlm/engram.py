@@ -39,10 +39,13 @@ from engramlm.tables import DeviceTable, Table
 # one position, 30 against 40 for 16; benchmarks in ShortConv._conv_call).
 _CONV_CALL_POSITIONS = 16
 
-# Up to this many positions (B x T) an inference forward on the CPU in float32 runs as one call
-# of the fused kernel (engramlm.kernels): decode steps and short prompts. Its loops are scalar
-# and single-threaded, so long sequences keep PyTorch's vectorised operators.
-FUSED_POSITIONS = 64
+# Up to this many rows of D channels (B x T x M) an inference forward on the CPU in float32 runs
+# as one call of the fused kernel (engramlm.kernels): decode steps and short prompts. Past it
+# PyTorch's operators win (their conv is one vectorised call; the kernel's prompt path runs
+# channel by channel). One thread, D=256 (docs/benchmarks.md): M=1, B=8, T=32: 774 against
+# 1153 us, T=128: 3498 against 4183, T=512: 22.7 against 18.1 ms; M=4, B=8, T=8: 676 against
+# 1002 us, T=32: 2994 against 2629.
+FUSED_ROWS = 256
 
 
 class GroupRMSNorm(nn.Module):
@@ -374,7 +377,7 @@ class Engram(nn.Module):
         add nothing to the residual and feed zeros to the conv.
         """
         B, T, M, D = hidden.shape
-        if B * T <= FUSED_POSITIONS and fusable(hidden):
+        if B * T * M <= FUSED_ROWS and fusable(hidden):
             call = self.fused_call()
             if call is not None:
                 self._check_hidden(hidden)
@@ -418,7 +421,7 @@ class Engram(nn.Module):
             1e-5 if conv is None else conv.norm.eps,
             1 if conv is None else conv.dilation,
         )
-        return kernels.FusedEngram(ops.engram_step.default, lookup, consts)
+        return kernels.FusedEngram(ops.engram_step, lookup, consts)
 
     def _check_hidden(self, hidden: Tensor) -> None:
         if hidden.dim() != 4 or hidden.shape[2:] != (self.config.num_branches, self.hidden_size):

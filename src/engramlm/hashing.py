@@ -373,7 +373,7 @@ class NgramHasher(nn.Module):
         the fused kernel ``ops.hash_step`` (``engramlm.kernels.fused_ops()``), compressing them
         with ``lookup`` [V] (None: already compressed) on the way; integer-exact. CPU tensors
         only (``engramlm.engram.fusable``)."""
-        rows, prefix = ops.hash_step.default(
+        rows, prefix = ops.hash_step(
             input_ids,
             lookup,
             prefix,

@@ -1,14 +1,18 @@
 """Fused CPU kernels for decoding, built from ``csrc/fused_decode.cpp`` on first use.
 
-At batch 1 a KV-cached decode step costs about the same few microseconds per dispatched
-operator whatever its size, and Engram's step is ~90 small operators (hashing the new token,
-the lookup, the gate, the conv taps). Two C++ operators do that work in one call each
-(``torch.ops.engramlm.hash_step`` and ``engram_step``); :class:`~engramlm.engram.Engram` and
-:class:`~engramlm.model.EngramLM` call them when decoding on the CPU in float32 and fall back
-to PyTorch operators everywhere else (GPU, other dtypes, autograd, ``torch.compile``).
+A KV-cached decode step works on a few positions, so its time is mostly the fixed cost of each
+operator it dispatches, and Engram's step was ~90 small operators (hashing the new token, the
+lookup, the gate's reductions, the conv taps): as many as the whole backbone's blocks at 4
+layers. Two C++ functions of the extension module that :func:`fused_ops` returns do that work
+in one call each: ``hash_step`` (every Engram layer's rows of the new tokens and the next
+n-gram prefix) and ``engram_step`` (one layer: gather, key/value projection, gates, short conv,
+optionally the residual add). :class:`~engramlm.model.EngramLM` calls them while decoding with a
+:class:`~engramlm.model.DecodeCache`, and :class:`~engramlm.engram.Engram` for any short
+inference forward, on the CPU in float32; everywhere else (GPU, other dtypes, autograd,
+autocast, ``torch.compile``, long sequences) the PyTorch operators run, as before.
 
 The extension is compiled once per machine and torch version with
-``torch.utils.cpp_extension`` (~10 s with g++ and ninja; cached under
+``torch.utils.cpp_extension`` (~25 s with g++ and ninja; cached under
 ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Without a compiler the
 build fails, a warning says why, and decoding runs on PyTorch operators, only slower. Set
 ``ENGRAMLM_FUSED=0`` to never build or use it (or :func:`set_enabled` / :func:`enabled`).
@@ -31,12 +35,12 @@ NAME = "engramlm_fused_decode"  # the extension's name: its build folder and lib
 ENV = "ENGRAMLM_FUSED"
 
 _lock = threading.Lock()
-# "ops": torch.ops.engramlm once built (and enabled); read first, on every decode step.
+# "ops": the extension module once built (and enabled); read first, on every decode step.
 _state: dict[str, Any] = {"ops": None, "tried": False, "error": None, "enabled": None}
 
 
 def fused_ops() -> Any | None:
-    """``torch.ops.engramlm`` with the fused kernels, building them on the first call; ``None``
+    """The extension module with the fused kernels, building it on the first call; ``None``
     when disabled (``ENGRAMLM_FUSED=0``, read on the first call, or :func:`set_enabled`) or
     when the build failed (warned once, with why)."""
     ops = _state["ops"]
@@ -79,20 +83,12 @@ def build_error() -> str | None:
     return _state["error"]
 
 
-def _build(check_loaded: bool = True) -> Any | None:
-    """Compile (or find compiled) and load the extension; ``None`` and a warning on failure."""
+def _build() -> Any | None:
+    """Compile (or find compiled) and import the extension; ``None`` and a warning on failure."""
     try:
-        if not (check_loaded and hasattr(torch.ops.engramlm, "engram_step")):
-            from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import load
 
-            load(
-                name=NAME,
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3"],
-                is_python_module=False,
-                verbose=False,
-            )
-        return torch.ops.engramlm
+        return load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: fall back
         _state["error"] = f"{type(exc).__name__}: {exc}"
         warnings.warn(

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from engramlm import kernels
 from engramlm.config import EngramConfig, ModelConfig
-from engramlm.engram import FUSED_POSITIONS, Engram, fusable, head_offsets
+from engramlm.engram import FUSED_ROWS, Engram, fusable, head_offsets
 from engramlm.hashing import NgramHasher, check_ids, head_moduli
 from engramlm.kernels import FusedEngram
 from engramlm.overencoding import OverEncoding, overencoding_moduli
@@ -671,7 +671,8 @@ class EngramLM(nn.Module):
 
         # Decoding on the CPU: hashing and the Engram layers as one fused kernel call each.
         ops = kernels.fused_ops() if cache is not None and fusable(input_ids) else None
-        calls = self._engram_calls(cache) if ops is not None and B * T <= FUSED_POSITIONS else {}
+        rows = B * T * (cfg.hc_mult if cfg.engram is not None and cfg.engram.multi_branch else 1)
+        calls = self._engram_calls(cache) if ops is not None and rows <= FUSED_ROWS else {}
         if self.hasher is not None:
             prefix = None if cache is None else cache.hash_prefix
             if ops is not None and hash_ids is None:

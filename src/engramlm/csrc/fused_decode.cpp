@@ -15,18 +15,31 @@
 // double, in a different order than ATen's vectorised sums). Float32 only, CPU only; the
 // Python side falls back to PyTorch operators for anything else.
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define ENGRAMLM_X86 1
+#endif
+
 namespace {
 
 constexpr int64_t kDead = -1;  // hashing.DEAD: no token here; blocks older look-backs
+// From this many positions the key/value projection is one BLAS GEMM; under it, the dot
+// products of gemv below. One thread, E=256, 512 outputs, caches flushed before each call (as
+// between a decode step's layers) / warm: B=1 35.8 / 9.5 us for the whole Engram step against
+// 45 / 13 us for at::linear alone; at B=8 the GEMM is faster warm (37 against 46 us for the
+// step) and the two alike cold (89 against 76 us; decode at B=8 0.95-0.96x either way).
+constexpr int64_t kGemmPositions = 4;
+// From this many elements SiLU is ATen's vectorised kernel; under it, scalar expf.
+constexpr int64_t kVectorSilu = 1024;
 
 void check_cpu(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), "engramlm fused kernels run on the CPU; ", name, " is on ",
@@ -43,6 +56,147 @@ inline int64_t floor_mod(int64_t x, int64_t p) {
 // Wrapping int64 multiply, as torch's int64 kernels wrap (signed overflow is undefined in C++).
 inline int64_t wrap_mul(int64_t a, int64_t b) {
   return static_cast<int64_t>(static_cast<uint64_t>(a) * static_cast<uint64_t>(b));
+}
+
+// sum_i a[i] b[i] (w[i]) in 8 float partial sums: vectorisable without reassociating, and
+// float accumulation as ATen's reductions do it (in another order; the result differs in the
+// last bits).
+inline float dot8(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline float dot8w(const float* a, const float* b, const float* w, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * (b[i + j] * w[i + j]);
+  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) sum += a[i] * (b[i] * w[i]);
+  return sum;
+}
+
+// y[p, o] = W[o] . x[p] (+ bias[o]) for P rows x [P, E] and W [O, E], each W row read once
+// (all P dot products while it is in L1). A decode step's projection is a few positions against
+// a weight that the backbone's layers have pushed out of L2, so reading W once, in order, is
+// what costs; at::linear's oneDNN/BLAS path costs ~10 us more per call on such a cold step.
+void gemv_generic(const float* W, const float* x, const float* bias, float* y, int64_t P,
+                  int64_t O, int64_t E) {
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t p = 0; p < P; ++p)
+      y[p * O + o] = dot8(W + o * E, x + p * E, E) + (bias ? bias[o] : 0.0f);
+}
+
+#ifdef ENGRAMLM_X86
+// The same, with AVX-512 or AVX2+FMA where the CPU has them (checked once, at run time). Per
+// row of W: one position gets four accumulators (one would wait on the FMA's latency); more
+// positions go four at a time, each with its own accumulator, sharing every load of W.
+__attribute__((target("avx512f"))) void gemv_avx512(const float* W, const float* x,
+                                                     const float* bias, float* y, int64_t P,
+                                                     int64_t O, int64_t E) {
+  const int64_t E16 = E - E % 16;
+  for (int64_t o = 0; o < O; ++o) {
+    const float* w = W + o * E;
+    const float b = bias ? bias[o] : 0.0f;
+    if (P == 1) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t i = 0;
+      for (; i + 64 <= E16; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+      }
+      for (; i < E16; i += 16)
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+      float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+      for (; i < E; ++i) sum += w[i] * x[i];
+      y[o] = sum + b;
+      continue;
+    }
+    for (int64_t p0 = 0; p0 < P; p0 += 4) {
+      const int64_t n = std::min<int64_t>(4, P - p0);
+      const float* xs = x + p0 * E;
+      __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+      for (int64_t i = 0; i < E16; i += 16) {
+        const __m512 wv = _mm512_loadu_ps(w + i);
+        for (int64_t q = 0; q < n; ++q)
+          a[q] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + q * E + i), a[q]);
+      }
+      for (int64_t q = 0; q < n; ++q) {
+        float sum = _mm512_reduce_add_ps(a[q]);
+        for (int64_t i = E16; i < E; ++i) sum += w[i] * xs[q * E + i];
+        y[(p0 + q) * O + o] = sum + b;
+      }
+    }
+  }
+}
+
+// Sum of the 8 lanes.
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+}
+
+__attribute__((target("avx2,fma"))) void gemv_avx2(const float* W, const float* x,
+                                                   const float* bias, float* y, int64_t P,
+                                                   int64_t O, int64_t E) {
+  const int64_t E8 = E - E % 8;
+  for (int64_t o = 0; o < O; ++o) {
+    const float* w = W + o * E;
+    const float b = bias ? bias[o] : 0.0f;
+    if (P == 1) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t i = 0;
+      for (; i + 32 <= E8; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+      }
+      for (; i < E8; i += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+      float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; i < E; ++i) sum += w[i] * x[i];
+      y[o] = sum + b;
+      continue;
+    }
+    for (int64_t p0 = 0; p0 < P; p0 += 4) {
+      const int64_t n = std::min<int64_t>(4, P - p0);
+      const float* xs = x + p0 * E;
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+      for (int64_t i = 0; i < E8; i += 8) {
+        const __m256 wv = _mm256_loadu_ps(w + i);
+        for (int64_t q = 0; q < n; ++q)
+          a[q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs + q * E + i), a[q]);
+      }
+      for (int64_t q = 0; q < n; ++q) {
+        float sum = hsum(a[q]);
+        for (int64_t i = E8; i < E; ++i) sum += w[i] * xs[q * E + i];
+        y[(p0 + q) * O + o] = sum + b;
+      }
+    }
+  }
+}
+#endif
+
+void gemv(const float* W, const float* x, const float* bias, float* y, int64_t P, int64_t O,
+          int64_t E) {
+#ifdef ENGRAMLM_X86
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512) return gemv_avx512(W, x, bias, y, P, O, E);
+  if (avx2) return gemv_avx2(W, x, bias, y, P, O, E);
+#endif
+  gemv_generic(W, x, bias, y, P, O, E);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> hash_step(
@@ -167,48 +321,63 @@ std::tuple<at::Tensor, at::Tensor> engram_step(
               (nk + 1) * D, ", E], got ", kv_weight.sizes());
 
   // e_t: the retrieved rows, [BT, E]
-  at::Tensor e;
+  std::vector<float> gathered;
+  const float* e = nullptr;
+  at::Tensor mem;
   if (memory.has_value()) {
-    check_cpu(*memory, "memory", at::kFloat);
-    TORCH_CHECK(memory->numel() == BT * E, "memory must be [B, T, E] = [", B, ", ", T, ", ", E,
-                "], got ", memory->sizes());
-    e = memory->reshape({BT, E});
+    mem = memory->contiguous();
+    check_cpu(mem, "memory", at::kFloat);
+    TORCH_CHECK(mem.numel() == BT * E, "memory must be [B, T, E] = [", B, ", ", T, ", ", E,
+                "], got ", mem.sizes());
+    e = mem.data_ptr<float>();
   } else {
     TORCH_CHECK(table.has_value() && offsets.has_value() && hash_ids.has_value(),
                 "engram_step needs memory, or table, offsets and hash_ids");
     check_cpu(*table, "table", at::kFloat);
     check_cpu(*offsets, "offsets", at::kLong);
     check_cpu(*hash_ids, "hash_ids", at::kLong);
-    const at::Tensor tab = table->contiguous();
+    TORCH_CHECK(table->dim() == 2 && table->is_contiguous(), "table must be a contiguous [rows, head_dim]");
     const at::Tensor off = offsets->contiguous();
     const at::Tensor ids = hash_ids->contiguous();
-    const int64_t H = off.numel(), hd = tab.size(1), R = tab.size(0);
+    const int64_t H = off.numel(), hd = table->size(1), R = table->size(0);
     TORCH_CHECK(ids.dim() == 3 && ids.size(0) == B && ids.size(1) == T && ids.size(2) == H,
                 "hash_ids must be [B, T, H] = [", B, ", ", T, ", ", H, "], got ", ids.sizes());
     TORCH_CHECK(H * hd == E, "H x head_dim = ", H * hd, " must equal kv_weight's E = ", E);
-    e = at::empty({BT, E}, hidden.options());
-    const float* src = tab.data_ptr<float>();
+    gathered.resize(static_cast<size_t>(BT * E));
+    const float* src = table->data_ptr<float>();
     const int64_t* o = off.data_ptr<int64_t>();
     const int64_t* r = ids.data_ptr<int64_t>();
-    float* dst = e.data_ptr<float>();
     for (int64_t p = 0; p < BT; ++p) {
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row = r[p * H + h] + o[h];
         TORCH_CHECK(row >= 0 && row < R, "table row ", row, " (head ", h, ") is out of range [0, ",
                     R, ")");
-        std::memcpy(dst + (p * H + h) * hd, src + row * hd, sizeof(float) * hd);
+        std::memcpy(&gathered[(p * H + h) * hd], src + row * hd, sizeof(float) * hd);
       }
     }
+    e = gathered.data();
   }
-  at::Tensor kv;
+  // [k^(1..nk); v] = W e + b, [BT, (nk + 1) D]
+  const int64_t kvw = (nk + 1) * D;
+  TORCH_CHECK(kv_weight.is_contiguous(), "kv_weight must be contiguous");
+  const float* bias = nullptr;
   if (kv_bias.has_value()) {
     check_cpu(*kv_bias, "kv_bias", at::kFloat);
-    kv = at::linear(e, kv_weight, *kv_bias);
-  } else {
-    kv = at::linear(e, kv_weight);
+    TORCH_CHECK(kv_bias->numel() == kvw && kv_bias->is_contiguous(), "kv_bias must be [", kvw, "]");
+    bias = kv_bias->data_ptr<float>();
   }
-  kv = kv.contiguous();  // [BT, (nk + 1) D]
-  const float* kvp = kv.data_ptr<float>();
+  std::vector<float> kv(static_cast<size_t>(BT * kvw));
+  if (BT < kGemmPositions) {
+    gemv(kv_weight.data_ptr<float>(), e, bias, kv.data(), BT, kvw, E);
+  } else {  // enough positions for the BLAS GEMM's blocking to pay
+    const at::Tensor et = at::from_blob(const_cast<float*>(e), {BT, E}, hidden.options());
+    at::Tensor out = at::from_blob(kv.data(), {BT, kvw}, hidden.options());
+    if (bias != nullptr)
+      at::addmm_out(out, *kv_bias, et, kv_weight.t());
+    else
+      at::mm_out(out, et, kv_weight.t());
+  }
+  const float* kvp = kv.data();
   const at::Tensor hid = hidden.contiguous();
   const float* hp = hid.data_ptr<float>();
 
@@ -239,7 +408,6 @@ std::tuple<at::Tensor, at::Tensor> engram_step(
     mk = mkt.data_ptr<bool>();
   }
   const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(D));
-  const int64_t kvw = (nk + 1) * D;
   for (int64_t p = 0; p < BT; ++p) {
     const float* v = kvp + p * kvw + nk * D;
     for (int64_t mm = 0; mm < M; ++mm) {
@@ -248,12 +416,7 @@ std::tuple<at::Tensor, at::Tensor> engram_step(
         const float* h = hp + (p * M + mm) * D;
         const float* k = kvp + p * kvw + mm * D;
         const float* w = gw.data() + mm * D;
-        double hh = 0, kk = 0, dot = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          hh += static_cast<double>(h[d]) * h[d];
-          kk += static_cast<double>(k[d]) * k[d];
-          dot += static_cast<double>(h[d]) * (static_cast<double>(k[d]) * w[d]);
-        }
+        const double hh = dot8(h, h, D), kk = dot8(k, k, D), dot = dot8w(h, k, w, D);
         double s = dot / std::sqrt(hh / D + query_eps) / std::sqrt(kk / D + key_eps) * inv_sqrt_d;
         if (gate_mode == 2 && s != 0.0)  // sign(s) sqrt(max(|s|, 1e-6)); sign(0) = 0
           s = std::copysign(std::sqrt(std::max(std::abs(s), 1e-6)), s);
@@ -281,10 +444,9 @@ std::tuple<at::Tensor, at::Tensor> engram_step(
   TORCH_CHECK(cw.numel() == C * w, "conv_weight must be [M D, 1, w] = [", C, ", 1, ", w, "]");
   TORCH_CHECK(cn.numel() == C, "conv_norm_weight must be [M, D] = [", M, ", ", D, "]");
   at::Tensor state = at::empty({B, C, P}, hidden.options());
-  at::Tensor x = at::empty({P + T, C}, hidden.options());  // one sequence's conv input
+  std::vector<float> xn(static_cast<size_t>(T * C));  // one sequence's normalised U, [T, C]
   const float* wp = cw.data_ptr<float>();
   const float* np = cn.data_ptr<float>();
-  float* xp = x.data_ptr<float>();
   float* sp = state.data_ptr<float>();
   at::Tensor old;
   if (conv_state.has_value()) {
@@ -297,54 +459,66 @@ std::tuple<at::Tensor, at::Tensor> engram_step(
   at::Tensor y = at::empty({B, T, M, D}, hidden.options());
   float* yp = y.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
-    if (conv_state.has_value()) {
-      const float* op = old.data_ptr<float>() + b * C * P;
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = 0; i < P; ++i) xp[i * C + c] = op[c * P + i];
-    } else {
-      std::fill(xp, xp + P * C, 0.0f);  // causal left padding
-    }
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t mm = 0; mm < M; ++mm) {
         const float* uu = up + ((b * T + t) * M + mm) * D;
-        double ss = 0;
-        for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(uu[d]) * uu[d];
+        const double ss = dot8(uu, uu, D);
         const float inv = static_cast<float>(1.0 / std::sqrt(ss / D + conv_eps));
-        float* xr = xp + (P + t) * C + mm * D;
+        float* xr = xn.data() + t * C + mm * D;
         for (int64_t d = 0; d < D; ++d) xr[d] = uu[d] * inv * np[mm * D + d];
       }
     }
-    for (int64_t t = 0; t < T; ++t) {
-      float* yr = yp + (b * T + t) * C;
-      const float* ur = up + (b * T + t) * C;
+    // Channel by channel over the sequence [state (P), new (T)], in the state's [C, P] layout:
+    // y[t] = sum_i W[c, i] x[t + i delta], in the order of ShortConv's taps; the new state is
+    // the last P of the sequence.
+    const float* olds = conv_state.has_value() ? old.data_ptr<float>() + b * C * P : nullptr;
+    if (T == 1 && olds != nullptr && P > 0) {  // a decode step: taps i < w-1 read the state
+      float* sb = sp + b * C * P;
       for (int64_t c = 0; c < C; ++c) {
-        double acc = 0;
-        for (int64_t i = 0; i < w; ++i)
-          acc += static_cast<double>(wp[c * w + i]) * xp[(t + i * dilation) * C + c];
-        const float z = static_cast<float>(acc);
-        yr[c] = z / (1.0f + std::exp(-z)) + ur[c];
-        if (residual) yr[c] += hp[(b * T + t) * C + c];
+        const float* oc = olds + c * P;
+        const float* wc = wp + c * w;
+        float acc = oc[0] * wc[0];
+        for (int64_t i = 1; i < w - 1; ++i) acc += oc[i * dilation] * wc[i];
+        acc += xn[c] * wc[w - 1];  // (w-1) delta = P: the new position
+        yp[b * C + c] = acc;
+        std::memcpy(sb + c * P, oc + 1, sizeof(float) * (P - 1));
+        sb[c * P + P - 1] = xn[c];
       }
+      continue;
     }
-    float* st = sp + b * C * P;
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < P; ++i) st[c * P + i] = xp[(T + i) * C + c];
+    for (int64_t c = 0; c < C; ++c) {
+      const float* oc = olds == nullptr ? nullptr : olds + c * P;
+      const float* wc = wp + c * w;
+      auto at_ = [&](int64_t j) -> float {  // position j of the sequence, channel c
+        return j >= P ? xn[(j - P) * C + c] : (oc == nullptr ? 0.0f : oc[j]);
+      };
+      for (int64_t t = 0; t < T; ++t) {
+        float acc = at_(t) * wc[0];
+        for (int64_t i = 1; i < w; ++i) acc += at_(t + i * dilation) * wc[i];
+        yp[(b * T + t) * C + c] = acc;
+      }
+      float* sc = sp + (b * C + c) * P;
+      for (int64_t i = 0; i < P; ++i) sc[i] = at_(T + i);
+    }
   }
+  // Y = SiLU(y) + U (+ hidden)
+  if (BT * C >= kVectorSilu) {
+    at::silu_(y);  // ATen's vectorised exp
+  } else {
+    for (int64_t j = 0; j < BT * C; ++j) yp[j] = yp[j] / (1.0f + std::exp(-yp[j]));
+  }
+  for (int64_t j = 0; j < BT * C; ++j) yp[j] += up[j];
+  if (residual)
+    for (int64_t j = 0; j < BT * C; ++j) yp[j] += hp[j];
   return {y, state};
 }
 
 }  // namespace
 
-TORCH_LIBRARY(engramlm, m) {
-  m.def(
-      "hash_step(Tensor input_ids, Tensor? lookup, Tensor? prefix, Tensor multipliers, "
-      "Tensor moduli, int pad_id, int reset_id, bool dead) -> (Tensor[], Tensor)",
-      &hash_step);
-  m.def(
-      "engram_step(Tensor hidden, Tensor? hash_ids, Tensor? conv_state, Tensor? mask, "
-      "bool residual, Tensor? memory, Tensor? table, Tensor? offsets, Tensor kv_weight, "
-      "Tensor? kv_bias, Tensor? query_weight, Tensor? key_weight, float query_eps, "
-      "float key_eps, int gate_mode, Tensor? conv_weight, Tensor? conv_norm_weight, "
-      "float conv_eps, int dilation) -> (Tensor, Tensor)",
-      &engram_step);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "engramlm's fused CPU decode kernels (engramlm.kernels)";
+  m.def("hash_step", &hash_step, "raw ids -> every Engram layer's head-local rows, next prefix",
+        py::arg("input_ids"), py::arg("lookup"), py::arg("prefix"), py::arg("multipliers"),
+        py::arg("moduli"), py::arg("pad_id"), py::arg("reset_id"), py::arg("dead"));
+  m.def("engram_step", &engram_step, "one Engram layer's forward: (Y or hidden + Y, conv state)");
 }
