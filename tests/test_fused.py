@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from engramlm import EngramConfig, ModelConfig, NgramHasher, kernels
+from engramlm import Engram, EngramConfig, ModelConfig, NgramHasher, kernels
 from engramlm.engram import FUSED_ROWS
 from engramlm.generate import generate_tokens
 from engramlm.hashing import DEAD, hash_ngrams
@@ -146,6 +146,35 @@ def test_engram_step_equals_the_pytorch_path(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         state = got[1]
     assert prefix.shape == (3, 2)
+
+
+@pytest.mark.parametrize("isa", [2, 1, 0])
+def test_every_instruction_set_and_odd_shapes_give_the_same_layer(ops, isa: int) -> None:  # type: ignore[no-untyped-def]
+    """The projection's AVX-512, AVX2 and plain paths (those this CPU has), on widths that
+    leave remainders (21 outputs per key, E = 36) and 1, 3, 7 and 20 positions."""
+    if isa > ops.set_isa(-1):
+        pytest.skip(f"this CPU lacks instruction set level {isa}")
+    cfg = EngramConfig(
+        table_sizes=(301, 307),
+        embed_dim_per_ngram=18,
+        heads_per_ngram=2,
+        layer_ids=(1,),
+        hc_mult=2,
+        pad_id=0,
+    )
+    hasher = NgramHasher.from_config(cfg, pad_id=0, compressed_vocab_size=V)
+    engram = Engram(cfg, 21, hasher.moduli[1])
+    randomise_conv(engram)
+    try:
+        assert ops.set_isa(isa) == isa
+        for B, T in ((1, 1), (3, 1), (1, 7), (4, 5)):
+            ids = torch.randint(0, V, (B, T))
+            got, want = fused_and_eager(engram, torch.randn(B, T, 2, 21), hasher(ids, 1))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        ops.set_isa(-1)
+    with pytest.raises(RuntimeError, match="supports instruction set level"):
+        ops.set_isa(3)
 
 
 @pytest.mark.parametrize("hc_mult,gate", [(1, "signed_sqrt"), (4, "signed_sqrt"), (2, "plain")])

@@ -32,12 +32,12 @@
 namespace {
 
 constexpr int64_t kDead = -1;  // hashing.DEAD: no token here; blocks older look-backs
-// From this many positions the key/value projection is one BLAS GEMM; under it, the dot
-// products of gemv below. One thread, E=256, 512 outputs, caches flushed before each call (as
-// between a decode step's layers) / warm: B=1 35.8 / 9.5 us for the whole Engram step against
-// 45 / 13 us for at::linear alone; at B=8 the GEMM is faster warm (37 against 46 us for the
-// step) and the two alike cold (89 against 76 us; decode at B=8 0.95-0.96x either way).
-constexpr int64_t kGemmPositions = 4;
+// From this many positions the key/value projection is one BLAS GEMM; under it, gemv below. A
+// decode step's projection is a few positions against a weight the backbone's layers have
+// pushed out of L2. One thread, E=256, 512 outputs, the whole Engram step with caches flushed
+// before each call (as between a decode step's layers) / warm: B=1 36 / 10 us, where at::linear
+// alone takes 44 / 13 us; B=8 69 / 38 us, against 89 / 37 us with the BLAS GEMM.
+constexpr int64_t kGemmPositions = 16;
 // From this many elements SiLU is ATen's vectorised kernel; under it, scalar expf.
 constexpr int64_t kVectorSilu = 1024;
 
@@ -138,6 +138,57 @@ __attribute__((target("avx512f"))) void gemv_avx512(const float* W, const float*
   }
 }
 
+// Four rows of W against N positions at once (16 accumulators at N = 4): each load of W or x
+// feeds four FMAs, so the loads no longer outnumber the FMAs.
+template <int N>
+__attribute__((target("avx512f"))) void block4_avx512(const float* W, const float* x,
+                                                       const float* bias, float* y, int64_t o,
+                                                       int64_t p0, int64_t O, int64_t E) {
+  const int64_t E16 = E - E % 16;
+  __m512 a[4][N];
+  for (int r = 0; r < 4; ++r)
+    for (int q = 0; q < N; ++q) a[r][q] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < E16; i += 16) {
+    __m512 xv[N];
+    for (int q = 0; q < N; ++q) xv[q] = _mm512_loadu_ps(x + (p0 + q) * E + i);
+    for (int r = 0; r < 4; ++r) {
+      const __m512 wv = _mm512_loadu_ps(W + (o + r) * E + i);
+      for (int q = 0; q < N; ++q) a[r][q] = _mm512_fmadd_ps(wv, xv[q], a[r][q]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    const float* w = W + (o + r) * E;
+    for (int q = 0; q < N; ++q) {
+      const float* xq = x + (p0 + q) * E;
+      float sum = _mm512_reduce_add_ps(a[r][q]);
+      for (int64_t i = E16; i < E; ++i) sum += w[i] * xq[i];
+      y[(p0 + q) * O + o + r] = sum + (bias ? bias[o + r] : 0.0f);
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void gemm_small_avx512(const float* W, const float* x,
+                                                           const float* bias, float* y, int64_t P,
+                                                           int64_t O, int64_t E) {
+  const int64_t O4 = O - O % 4;
+  for (int64_t o = 0; o < O4; o += 4) {
+    for (int64_t p0 = 0; p0 < P; p0 += 4) {
+      switch (std::min<int64_t>(4, P - p0)) {
+        case 1: block4_avx512<1>(W, x, bias, y, o, p0, O, E); break;
+        case 2: block4_avx512<2>(W, x, bias, y, o, p0, O, E); break;
+        case 3: block4_avx512<3>(W, x, bias, y, o, p0, O, E); break;
+        default: block4_avx512<4>(W, x, bias, y, o, p0, O, E); break;
+      }
+    }
+  }
+  if (O4 < O) {  // the last rows, one at a time
+    std::vector<float> rest(static_cast<size_t>(P * (O - O4)));
+    gemv_avx512(W + O4 * E, x, bias ? bias + O4 : nullptr, rest.data(), P, O - O4, E);
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t o = O4; o < O; ++o) y[p * O + o] = rest[p * (O - O4) + o - O4];
+  }
+}
+
 // Sum of the 8 lanes.
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -188,13 +239,33 @@ __attribute__((target("avx2,fma"))) void gemv_avx2(const float* W, const float* 
 }
 #endif
 
+// The instruction set gemv uses: 2 AVX-512, 1 AVX2+FMA, 0 plain C++ (what this CPU has, unless
+// set_isa chose a lower one, as the tests do to cover every path on one machine).
+int64_t best_isa() {
+#ifdef ENGRAMLM_X86
+  if (__builtin_cpu_supports("avx512f")) return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+  return 0;
+}
+
+int64_t g_isa = best_isa();
+
+int64_t set_isa(int64_t isa) {
+  const int64_t best = best_isa();
+  TORCH_CHECK(isa <= best, "this CPU supports instruction set level ", best,
+              " at most (2 AVX-512, 1 AVX2+FMA, 0 plain), got ", isa);
+  g_isa = isa < 0 ? best : isa;
+  return g_isa;
+}
+
 void gemv(const float* W, const float* x, const float* bias, float* y, int64_t P, int64_t O,
           int64_t E) {
 #ifdef ENGRAMLM_X86
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512) return gemv_avx512(W, x, bias, y, P, O, E);
-  if (avx2) return gemv_avx2(W, x, bias, y, P, O, E);
+  if (g_isa == 2)
+    return P == 1 ? gemv_avx512(W, x, bias, y, P, O, E)
+                  : gemm_small_avx512(W, x, bias, y, P, O, E);
+  if (g_isa == 1) return gemv_avx2(W, x, bias, y, P, O, E);
 #endif
   gemv_generic(W, x, bias, y, P, O, E);
 }
@@ -521,4 +592,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("input_ids"), py::arg("lookup"), py::arg("prefix"), py::arg("multipliers"),
         py::arg("moduli"), py::arg("pad_id"), py::arg("reset_id"), py::arg("dead"));
   m.def("engram_step", &engram_step, "one Engram layer's forward: (Y or hidden + Y, conv state)");
+  m.def("set_isa", &set_isa, "the key/value projection's instruction set: 2 AVX-512, 1 AVX2, "
+        "0 plain C++, -1 the best this CPU has; returns the one in use", py::arg("isa"));
 }
