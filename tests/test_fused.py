@@ -4,6 +4,8 @@ the spec's reference and the conformance vectors; and the model's decoding with 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import pytest
 import torch
@@ -19,8 +21,12 @@ from test_engram import V, make, randomise_conv, randomise_norms, reference_forw
 
 @pytest.fixture(scope="module")
 def ops():  # type: ignore[no-untyped-def]
+    """The built kernels. Skipped only on a machine with no C++ compiler at all (the fallback,
+    tested below, is what runs there); a compiler that fails to build them fails the tests."""
     got = kernels.fused_ops()
     if got is None:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("no C++ compiler: the fused kernels cannot be built here")
         pytest.fail(f"the fused kernels did not build: {kernels.build_error()}")
     return got
 
