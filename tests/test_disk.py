@@ -469,10 +469,16 @@ def test_served_prefetch_of_cached_rows_gathers_at_once(tmp_path: Path) -> None:
     table.prefetch(ids)
     assert table._pool is None  # gathered at once
     assert torch.equal(table.lookup(ids), weights[ids])
+    distinct = torch.tensor([400, 3])  # few distinct rows: read without sorting them first
+    table.prefetch(distinct)
+    assert table._pool is None
+    assert torch.equal(table.lookup(distinct), weights[distinct])
+    with pytest.raises(IndexError, match=r"row out of range \[0, 1000\): got \[-1, 3\]"):
+        table.prefetch(torch.tensor([3, -1]))  # checked by the store on this path
     table.prefetch(torch.tensor([3, 401]))  # 401 is not cached
     assert table._pool is not None
     assert torch.equal(table.lookup(torch.tensor([3, 401])), weights[[3, 401]])
-    assert (table.prefetch_hits, table.prefetch_misses) == (2, 1)
+    assert (table.prefetch_hits, table.prefetch_misses) == (3, 1)
     store = table.weight_store
     assert torch.equal(store.read_cached(torch.tensor([401, 3])), weights[[401, 3]])
     before = store.stats()
