@@ -21,6 +21,7 @@ build fails, a warning says why, and decoding runs on PyTorch operators, only sl
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import warnings
@@ -34,6 +35,7 @@ SOURCE = Path(__file__).parent / "csrc" / "fused_decode.cpp"
 NAME = "engramlm_fused_decode"  # the extension's name: its build folder and library
 ENV = "ENGRAMLM_FUSED"
 
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 # "ops": the extension module once built (and enabled); read first, on every decode step.
 _state: dict[str, Any] = {"ops": None, "tried": False, "error": None, "enabled": None}
@@ -88,6 +90,12 @@ def _build() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
+        if not _built():
+            _log.warning(
+                "engramlm: compiling the fused decode kernels (once per machine and torch "
+                "version, ~25 s; %s=0 skips them)",
+                ENV,
+            )
         return load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: fall back
         _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -99,6 +107,18 @@ def _build() -> Any | None:
             stacklevel=3,
         )
         return None
+
+
+def _built() -> bool:
+    """Whether a compiled library is already in the build folder (so loading takes ~1 s, not a
+    compile); True when that cannot be told (the notice it gates is only a courtesy)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = Path(_get_build_directory(NAME, verbose=False))
+    except Exception:  # a private helper of torch's: gone in some version, say nothing
+        return True
+    return any(folder.glob(f"{NAME}*.so")) or any(folder.glob(f"{NAME}*.pyd"))
 
 
 class FusedEngram:
