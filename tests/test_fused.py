@@ -373,3 +373,13 @@ def test_disabled_kernels_fall_back_and_a_failed_build_warns(monkeypatch, tmp_pa
         assert kernels._build() is None
     assert "engramlm_fused_broken_test" in (kernels.build_error() or "")
     monkeypatch.setitem(kernels._state, "error", None)
+
+
+def test_a_model_without_engram_never_asks_for_the_kernels(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    asked = []
+    monkeypatch.setattr(kernels, "fused_ops", lambda: asked.append(1))
+    cfg = dataclasses.replace(tiny_model(1).config, engram=None)
+    model = EngramLM(cfg).eval()
+    prompt = torch.randint(0, 300, (1, 4))
+    assert len(list(generate_tokens(model, prompt, 3, temperature=0))) == 3
+    assert asked == []

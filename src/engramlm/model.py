@@ -670,7 +670,8 @@ class EngramLM(nn.Module):
             return ModelOutput(logits, loss, cache)
 
         # Decoding on the CPU: hashing and the Engram layers as one fused kernel call each.
-        ops = kernels.fused_ops() if cache is not None and fusable(input_ids) else None
+        decoding = cache is not None and self.hasher is not None and fusable(input_ids)
+        ops = kernels.fused_ops() if decoding else None  # (a model without Engram never builds)
         rows = B * T * (cfg.hc_mult if cfg.engram is not None and cfg.engram.multi_branch else 1)
         calls = self._engram_calls(cache) if ops is not None and rows <= FUSED_ROWS else {}
         if self.hasher is not None:
