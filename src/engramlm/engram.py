@@ -375,6 +375,10 @@ class Engram(nn.Module):
         conv the state is empty, [B, M*D, 0]. ``mask`` ([B, T] bool, optional) zeroes the
         gated value of positions that are not tokens (padding, DeepSeek-V4.1's DEAD), so they
         add nothing to the residual and feed zeros to the conv.
+
+        Up to ``FUSED_ROWS`` rows (B x T x M), in float32 on the CPU without autograd (decode
+        steps, short prompts), this runs as one call of the fused C++ kernel (:meth:`fused_call`,
+        ``engramlm.kernels``): the same values to float rounding.
         """
         B, T, M, D = hidden.shape
         if B * T * M <= FUSED_ROWS and fusable(hidden):
