@@ -1,19 +1,20 @@
-// Fused CPU kernels for KV-cached decoding with Engram (engramlm.kernels builds this file).
+// Fused CPU kernels for KV-cached decoding with Engram (engramlm.kernels builds this file into a
+// Python module).
 //
-// At batch 1 a decode step is a sum of per-operator dispatch costs: hashing the new token and
-// running one Engram layer take ~90 small PyTorch operators, as many as the whole backbone's
-// attention and FFN blocks (docs/benchmarks.md, goal 2). These two operators do the same work
-// in one call each, with plain loops over the few positions a decode step has:
+// A decode step works on a few positions, so its time is mostly the fixed cost of each operator
+// it dispatches: hashing the new token and running one Engram layer took ~90 small PyTorch
+// operators, as many as the whole backbone's attention and FFN blocks at 4 layers
+// (docs/benchmarks.md, goal 2). These two functions do the same work in one call each:
 //
-//   engramlm::hash_step    raw ids -> compressed ids -> every Engram layer's head-local rows,
-//                          and the next n-gram prefix (hashing.hash_ngrams + next_prefix)
-//   engramlm::engram_step  lookup -> key/value projection -> gates -> short conv:
-//                          Engram.forward's Y and new conv state
+//   hash_step    raw ids -> compressed ids -> every Engram layer's head-local rows, and the
+//                next n-gram prefix (hashing.hash_ngrams + NgramHasher.next_prefix)
+//   engram_step  gather -> key/value projection -> gates -> short conv (-> + hidden):
+//                Engram.forward's Y (or the residual stream after it) and new conv state
 //
-// They compute what the PyTorch path computes (tests/test_fused.py holds them to it): the
-// hash is integer-exact; the layer agrees to float rounding (reductions here accumulate in
-// double, in a different order than ATen's vectorised sums). Float32 only, CPU only; the
-// Python side falls back to PyTorch operators for anything else.
+// They compute what the PyTorch path computes (tests/test_fused.py holds them to it): the hash
+// is integer-exact; the layer agrees to float rounding (its sums run in another order than
+// ATen's vectorised ones). Float32 only, CPU only; the Python side keeps PyTorch's operators
+// for anything else.
 
 #include <torch/extension.h>
 
