@@ -672,8 +672,13 @@ class EngramLM(nn.Module):
         # Decoding on the CPU: hashing and the Engram layers as one fused kernel call each.
         decoding = cache is not None and self.hasher is not None and fusable(input_ids)
         ops = kernels.fused_ops() if decoding else None  # (a model without Engram never builds)
-        rows = B * T * (cfg.hc_mult if cfg.engram is not None and cfg.engram.multi_branch else 1)
-        calls = self._engram_calls(cache) if ops is not None and rows <= FUSED_ROWS else {}
+        calls: dict[int, FusedEngram] = {}
+        if (
+            ops is not None
+            and cfg.engram is not None
+            and B * T * cfg.engram.num_branches <= FUSED_ROWS
+        ):
+            calls = self._engram_calls(cache)  # type: ignore[arg-type]
         if self.hasher is not None:
             prefix = None if cache is None else cache.hash_prefix
             if ops is not None and hash_ids is None:

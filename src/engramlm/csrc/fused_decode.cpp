@@ -94,48 +94,29 @@ void gemv_generic(const float* W, const float* x, const float* bias, float* y, i
 }
 
 #ifdef ENGRAMLM_X86
-// The same, with AVX-512 or AVX2+FMA where the CPU has them (checked once, at run time). Per
-// row of W: one position gets four accumulators (one would wait on the FMA's latency); more
-// positions go four at a time, each with its own accumulator, sharing every load of W.
-__attribute__((target("avx512f"))) void gemv_avx512(const float* W, const float* x,
-                                                     const float* bias, float* y, int64_t P,
-                                                     int64_t O, int64_t E) {
+// The same, with AVX-512 or AVX2+FMA where the CPU has them (checked once, at run time). One
+// position: four accumulators per row (one would wait on the FMA's latency). Several (AVX2):
+// four at a time, each with its own accumulator, sharing every load of W; AVX-512 blocks four
+// rows too (gemm_small_avx512 below).
+__attribute__((target("avx512f"))) void gemv1_avx512(const float* W, const float* x,
+                                                      const float* bias, float* y, int64_t O,
+                                                      int64_t E) {
   const int64_t E16 = E - E % 16;
   for (int64_t o = 0; o < O; ++o) {
     const float* w = W + o * E;
-    const float b = bias ? bias[o] : 0.0f;
-    if (P == 1) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t i = 0;
-      for (; i + 64 <= E16; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-      }
-      for (; i < E16; i += 16)
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-      float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-      for (; i < E; ++i) sum += w[i] * x[i];
-      y[o] = sum + b;
-      continue;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 64 <= E16; i += 64) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
     }
-    for (int64_t p0 = 0; p0 < P; p0 += 4) {
-      const int64_t n = std::min<int64_t>(4, P - p0);
-      const float* xs = x + p0 * E;
-      __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-      for (int64_t i = 0; i < E16; i += 16) {
-        const __m512 wv = _mm512_loadu_ps(w + i);
-        for (int64_t q = 0; q < n; ++q)
-          a[q] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + q * E + i), a[q]);
-      }
-      for (int64_t q = 0; q < n; ++q) {
-        float sum = _mm512_reduce_add_ps(a[q]);
-        for (int64_t i = E16; i < E; ++i) sum += w[i] * xs[q * E + i];
-        y[(p0 + q) * O + o] = sum + b;
-      }
-    }
+    for (; i < E16; i += 16)
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i < E; ++i) sum += w[i] * x[i];
+    y[o] = sum + (bias ? bias[o] : 0.0f);
   }
 }
 
@@ -182,12 +163,8 @@ __attribute__((target("avx512f"))) void gemm_small_avx512(const float* W, const 
       }
     }
   }
-  if (O4 < O) {  // the last rows, one at a time
-    std::vector<float> rest(static_cast<size_t>(P * (O - O4)));
-    gemv_avx512(W + O4 * E, x, bias ? bias + O4 : nullptr, rest.data(), P, O - O4, E);
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t o = O4; o < O; ++o) y[p * O + o] = rest[p * (O - O4) + o - O4];
-  }
+  for (int64_t p = 0; p < P && O4 < O; ++p)  // the last rows, position by position
+    gemv1_avx512(W + O4 * E, x + p * E, bias ? bias + O4 : nullptr, y + p * O + O4, O - O4, E);
 }
 
 // Sum of the 8 lanes.
@@ -264,8 +241,7 @@ void gemv(const float* W, const float* x, const float* bias, float* y, int64_t P
           int64_t E) {
 #ifdef ENGRAMLM_X86
   if (g_isa == 2)
-    return P == 1 ? gemv_avx512(W, x, bias, y, P, O, E)
-                  : gemm_small_avx512(W, x, bias, y, P, O, E);
+    return P == 1 ? gemv1_avx512(W, x, bias, y, O, E) : gemm_small_avx512(W, x, bias, y, P, O, E);
   if (g_isa == 1) return gemv_avx2(W, x, bias, y, P, O, E);
 #endif
   gemv_generic(W, x, bias, y, P, O, E);

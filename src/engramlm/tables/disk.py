@@ -757,8 +757,7 @@ class DiskStore:
     # --- the RowStore interface --------------------------------------------------------------
     def _check_rows(self, rows: Tensor) -> np.ndarray:
         r = rows.detach().reshape(-1).to("cpu", torch.int64).numpy()
-        # One reduction for both bounds: a negative id viewed as uint64 is >= 2^63 > num_rows.
-        if r.size and int(r.view(np.uint64).max()) >= self.num_rows:
+        if r.size and (r.min() < 0 or r.max() >= self.num_rows):
             raise IndexError(
                 f"{self.path}: row out of range [0, {self.num_rows}): got [{r.min()}, {r.max()}]"
             )
@@ -795,7 +794,7 @@ class DiskStore:
                 self._stats["misses"] += len(r)
                 return torch.from_numpy(self._from_storage(self._read_file_rows(r)))
             slots = self._find(r)
-            if not len(slots) or slots.min() >= 0:  # all cached (-1: not cached)
+            if not bool((slots < 0).any()):
                 return torch.from_numpy(self._read_hits(r, slots))
             if only_cached:
                 return None
